@@ -1,0 +1,163 @@
+"""Implicit-GEMM convolution on NHWC activations with a fused epilogue.
+
+For an input x of shape (N, H, W, C) (dense NHWC), weights w of shape (R*S*C_g, K) (row
+``(r*S + s)*C_g + c``, column = output channel, K contiguous) and G groups, one launch computes
+
+    y[n, p, q, k] = relu?( sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*C_g + c]
+                                        * w[(r*S + s)*C_g + c, k]
+                          + sum_c x2[n, p*st2, q*st2, c] * w2[c, k]          (projection shortcut)
+                          + bias[k]
+                          + res[n, p*rstep, q*rstep, k - roff] )             (residual, 0 outside)
+
+with g = k // (K / G), fp32 accumulation and one rounding to y's dtype. As a GEMM:
+M = N*P*Q output pixels, N = K/G output channels, reduction over taps then channels (C
+innermost, contiguous). BatchNorm is folded into w and bias by the caller; the shortcut's
+BatchNorm into w2 and bias, so the shortcut is a second GEMM into the same accumulator and its
+output never reaches memory. ``rstep``/``roff`` express the CIFAR option-A shortcut (strided
+identity, zero-padded channels) as a load pattern.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .configs import interpreting, pick_config
+
+INT32_SAFE = 2 ** 30  # numel above which offsets (masked lanes included) may pass 2**31
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a @ b. UPCAST: the interpreter's bf16 dot is wrong, so go through fp32 there."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def conv_fused_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, y_ptr,
+    H, W, C, P, Q, M, K, C_G, K_G,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    RH, RW, RC, res_step, res_off,
+    H2, W2, C2, stride2,
+    R: tl.constexpr, S: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    RELU: tl.constexpr, INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Which tile am I: grouped ordering over (M tiles, N tiles) of one conv group.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K_G, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < K_G
+    chan = g * K_G + offs_n
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+    img = offs_m // (P * Q)
+    p = (offs_m // Q) % P
+    q = offs_m % Q
+
+    # Main conv: taps (r, s), then chunks of the group's input channels.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(R):
+        ih = p * stride_h - pad_h + r * dil_h
+        for s in range(S):
+            iw = q * stride_w - pad_w + s * dil_w
+            pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = ((img * H + ih) * W + iw) * C + g * C_G
+            w_row = (r * S + s) * C_G
+            for c0 in range(0, C_G, BLOCK_K):
+                cs = c0 + offs_k
+                c_ok = cs < C_G
+                a = tl.load(x_ptr + x_row[:, None] + cs[None, :],
+                            mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + (w_row + cs)[:, None] * K + chan[None, :],
+                            mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+                acc = _mma(a, b, acc, UPCAST, PRECISION)
+
+    # Projection shortcut: a 1x1 strided conv of the block input into the same accumulator.
+    if HAS_SHORTCUT:
+        x2_row = ((img * H2 + p * stride2) * W2 + q * stride2) * C2
+        for c0 in range(0, C2, BLOCK_K):
+            cs = c0 + offs_k
+            c_ok = cs < C2
+            a = tl.load(x2_ptr + x2_row[:, None] + cs[None, :],
+                        mask=mask_m[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w2_ptr + cs[:, None] * K + chan[None, :],
+                        mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+            acc = _mma(a, b, acc, UPCAST, PRECISION)
+
+    # Epilogue: bias (folded BN shift), residual, ReLU; one rounding on store.
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + chan, mask=mask_n, other=0.0)[None, :]
+    if HAS_RES:
+        rc = chan - res_off
+        res_ok = mask_m[:, None] & (mask_n & (rc >= 0) & (rc < RC))[None, :]
+        res_row = ((img * RH + p * res_step) * RW + q * res_step) * RC
+        acc += tl.load(res_ptr + res_row[:, None] + rc[None, :], mask=res_ok,
+                       other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as torch.relu
+    y_mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(y_ptr + offs_m[:, None] * K + chan[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=y_mask)
+
+
+def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_fused(x, w, bias, *, kernel_size, stride, padding, dilation, groups, relu,
+               residual=None, res_step=1, res_off=0, shortcut=None, shortcut_stride=1,
+               shortcut_w=None, allow_tf32=True):
+    """Launch ``conv_fused_kernel``. Returns y as an (N, K, P, Q) channels_last tensor.
+
+    x: (N, C, H, W) channels_last-dense; w: (R*S*C/groups, K) contiguous; bias: (K,) fp32 or
+    None; residual: (N, RC, RH, RW) channels_last-dense or None; shortcut: the block input
+    (N, C2, H2, W2) channels_last-dense with shortcut_w (C2, K), or None. The caller validates
+    shapes, dtypes and devices (``fastres.ops``).
+    """
+    n, c, h, wd = x.shape
+    r, s = kernel_size
+    k = w.shape[1]
+    p = out_size(h, r, stride[0], padding[0], dilation[0])
+    q = out_size(wd, s, stride[1], padding[1], dilation[1])
+    y = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    m = n * p * q
+    if m == 0 or k == 0:
+        return y
+    c_g, k_g = c // groups, k // groups
+    cfg = pick_config(m, k_g, max(c_g, shortcut.shape[1] if shortcut is not None else 0))
+    res_shape = residual.shape[1:] if residual is not None else (0, 0, 0)
+    sc_shape = shortcut.shape[1:] if shortcut is not None else (0, 0, 0)
+    big = max(t.numel() for t in (x, y, residual, shortcut) if t is not None)
+    precision = ("tf32" if allow_tf32 else "ieee") if x.dtype == torch.float32 else None
+    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(k_g, cfg.BLOCK_N), groups)
+    conv_fused_kernel[grid](
+        x, w, bias if bias is not None else w,
+        residual if residual is not None else x,
+        shortcut if shortcut is not None else x,
+        shortcut_w if shortcut_w is not None else w, y,
+        h, wd, c, p, q, m, k, c_g, k_g,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        res_shape[1], res_shape[2], res_shape[0], res_step, res_off,
+        sc_shape[1], sc_shape[2], sc_shape[0], shortcut_stride,
+        R=r, S=s, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        HAS_SHORTCUT=shortcut is not None, RELU=relu, INT64=big > INT32_SAFE,
+        UPCAST=interpreting() and x.dtype == torch.bfloat16, PRECISION=precision,
+        **cfg.kwargs(),
+    )
+    return y
