@@ -1,0 +1,54 @@
+"""Shared test facts: the device the kernels run on, per-dtype tolerances, reference helpers."""
+import torch
+import torch.nn as nn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Relative L2 error ||out - ref|| / ||ref|| allowed against a float64 (or fp32) reference.
+# fp32 on the interpreter is exact up to summation order; on a GPU the dot may use tf32.
+REL_TOL = {
+    torch.float32: 1e-5 if DEVICE == "cpu" else 2e-3,
+    torch.float16: 3e-3,
+    torch.bfloat16: 2e-2,
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "output has NaN/Inf"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:.1g} ({dtype})"
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters (never the identity), in place."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            with torch.no_grad():
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                    m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    return model
+
+
+class ConvCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten convolution calls, to prove a fused forward never ran a torch conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "convolution" in func.__name__ or "conv2d" in func.__name__:
+            self.convs += 1
+        return func(*args, **(kwargs or {}))
