@@ -22,6 +22,16 @@ GEOMETRIES = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(params=["triton", "pytorch"])
+def path(request, monkeypatch):
+    """Each op test runs twice: on the Triton kernel, and on the plain-PyTorch CPU path."""
+    if request.param == "pytorch":
+        if DEVICE != "cpu":
+            pytest.skip("the plain-PyTorch path serves CPU tensors only")
+        monkeypatch.setattr(ops, "uses_triton", lambda t: False)
+    return request.param
+
+
 def _inputs(c, k, ksz, groups, h, w, batch, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, c, h, w, generator=g).to(dtype)
@@ -44,7 +54,7 @@ def _run(x, weight, bias, stride, padding, dilation, groups, relu, **extra):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
-def test_conv_bias_relu(geom, dtype):
+def test_conv_bias_relu(geom, dtype, path):
     c, k, ksz, stride, pad, dil, groups, h, w = geom
     batch = 3 if h > 1 else 1
     x, weight, bias = _inputs(c, k, ksz, groups, h, w, batch, dtype)
@@ -55,7 +65,7 @@ def test_conv_bias_relu(geom, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_residual_add_then_relu(dtype):
+def test_residual_add_then_relu(dtype, path):
     x, weight, bias = _inputs(8, 16, 3, 1, 9, 9, 2, dtype, seed=1)
     res = torch.randn(2, 16, 9, 9).to(dtype)
     y = _run(x, weight, bias, 1, 1, 1, 1, relu=True, residual=res.to(DEVICE))
@@ -64,7 +74,7 @@ def test_residual_add_then_relu(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_projection_shortcut_second_gemm(dtype):
+def test_projection_shortcut_second_gemm(dtype, path):
     """conv3x3(y1) + conv1x1_stride2(x): the shortcut accumulates into the same tile."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 12, 13, 13, generator=g).to(dtype)
@@ -79,7 +89,7 @@ def test_projection_shortcut_second_gemm(dtype):
     assert_close(y.cpu(), ref, dtype, "projection")
 
 
-def test_option_a_residual_pattern():
+def test_option_a_residual_pattern(path):
     """CIFAR option A: residual x[:, :, ::2, ::2] zero-padded by 4 channels on each side."""
     x, weight, bias = _inputs(16, 16, 3, 1, 4, 4, 2, torch.float32, seed=3)
     block_in = torch.randn(2, 8, 8, 8)
@@ -90,7 +100,7 @@ def test_option_a_residual_pattern():
     assert_close(y.cpu(), ref, torch.float32, "option A")
 
 
-def test_non_contiguous_and_nchw_inputs_are_correct():
+def test_non_contiguous_and_nchw_inputs_are_correct(path):
     x, weight, bias = _inputs(8, 16, 3, 1, 12, 12, 2, torch.float32, seed=4)
     sliced = x[:, :, 1:10:2, ::3]  # strided view, NCHW memory
     y = _run(sliced, weight, bias, 1, 1, 1, 1, relu=False)
