@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "triton", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "torchvision", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "torchvision", "hypothesis", "timm"],
         "bench": ["pytest", "pytest-benchmark", "torchvision", "matplotlib"],
     },
 )

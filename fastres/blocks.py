@@ -1,8 +1,11 @@
 """Drop-in ResNet blocks: torchvision's constructors, attribute names and state_dict keys.
 
 In eval mode every conv of a block is one fused kernel launch (BN folded, ReLU, residual add
-or projection shortcut in the epilogue). In train mode the blocks compute exactly what
-torchvision's do, op by op.
+or projection shortcut in the epilogue). In train mode (BatchNorm on batch statistics) each
+conv + BN runs on the training kernels (``fastres.training``: BN statistics from the conv
+epilogue, one BN-apply(+shortcut)(+ReLU) pass, Triton backward); where those kernels do not
+run (plain CPU, a BN that is not a BatchNorm2d) the blocks compute what torchvision's do,
+op by op.
 """
 from typing import Callable, Optional
 
@@ -10,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres import ops
+from fastres import ops, training
 from fastres.fold import folded
 
 
@@ -61,10 +64,16 @@ def projection_of(downsample: Optional[nn.Module]):
     return conv, bn
 
 
+def autocasting(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for types without autocast: meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def fused_conv_bn(x, conv, bn, relu, residual=None, res_step=1, res_off=0, projection=None,
                   shortcut=None):
     """relu?(bn(conv(x)) + residual + projection_bn(projection_conv(shortcut))) in one launch."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+    ops.check_input(x, conv.in_channels, conv.kernel_size, conv.padding, conv.dilation)
+    if x.dtype == torch.float32 and autocasting(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     w, b, w2 = folded(conv, bn, x.dtype, projection)
     if residual is not None:
@@ -78,18 +87,19 @@ def fused_conv_bn(x, conv, bn, relu, residual=None, res_step=1, res_off=0, proje
         shortcut_stride=projection[0].stride[0] if projection is not None else 1)
 
 
-def fused_last_conv(x, identity, conv, bn, downsample):
+def fused_last_conv(x, identity, conv, bn, downsample, train=False):
     """The block's last conv with its shortcut (projection, option A, identity or any other
-    module) and the final ReLU fused into one launch."""
-    projection = projection_of(downsample)
+    module) and the final ReLU fused into one launch (``train``: on the training kernels)."""
+    run = training.conv_bn if train else fused_conv_bn
+    projection = (training.projection_of if train else projection_of)(downsample)
     if projection is not None:
-        return fused_conv_bn(x, conv, bn, True, projection=projection, shortcut=identity)
+        return run(x, conv, bn, True, projection=projection, shortcut=identity)
     if isinstance(downsample, PadShortcut):
-        return fused_conv_bn(x, conv, bn, True, residual=identity, res_step=downsample.stride,
-                             res_off=downsample.pad)
+        return run(x, conv, bn, True, residual=identity, res_step=downsample.stride,
+                   res_off=downsample.pad)
     if downsample is not None:
         identity = downsample(identity)
-    return fused_conv_bn(x, conv, bn, True, residual=identity)
+    return run(x, conv, bn, True, residual=identity)
 
 
 class BasicBlock(nn.Module):
@@ -120,6 +130,9 @@ class BasicBlock(nn.Module):
         if self.fusable():
             out = fused_conv_bn(x, self.conv1, self.bn1, True)
             return fused_last_conv(out, x, self.conv2, self.bn2, self.downsample)
+        if training.runs_fused(x, (self.conv1, self.bn1), (self.conv2, self.bn2)):
+            out = training.conv_bn(x, self.conv1, self.bn1, True)
+            return fused_last_conv(out, x, self.conv2, self.bn2, self.downsample, train=True)
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -158,6 +171,11 @@ class Bottleneck(nn.Module):
             out = fused_conv_bn(x, self.conv1, self.bn1, True)
             out = fused_conv_bn(out, self.conv2, self.bn2, True)
             return fused_last_conv(out, x, self.conv3, self.bn3, self.downsample)
+        if training.runs_fused(x, (self.conv1, self.bn1), (self.conv2, self.bn2),
+                               (self.conv3, self.bn3)):
+            out = training.conv_bn(x, self.conv1, self.bn1, True)
+            out = training.conv_bn(out, self.conv2, self.bn2, True)
+            return fused_last_conv(out, x, self.conv3, self.bn3, self.downsample, train=True)
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -218,6 +236,8 @@ class ConvBNAct(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if can_fold(self, self.bn):
             return fused_conv_bn(x, self, self.bn, self.relu)
+        if training.runs_fused(x, (self, self.bn)):
+            return training.conv_bn(x, self, self.bn, self.relu)
         y = self._conv_forward(x, self.weight, self.bias)
         y = self.bn.normalize(y) if isinstance(self.bn, FoldedBatchNorm2d) else self.bn(y)
         return F.relu(y) if self.relu else y

@@ -7,7 +7,10 @@ For eval-mode BatchNorm, ``bn(conv(x)) = conv(x, W * scale) + shift`` with
 
 The cache lives on the conv module and is keyed on the identity, storage and version counter
 of every tensor it was computed from, so any in-place update (optimizer step, BN running
-stats in train mode, ``load_state_dict``) or replacement invalidates it.
+stats in train mode, ``load_state_dict``) or replacement invalidates it. While a CUDA graph
+is being captured the fold is not cached but recorded into the graph, which then folds from
+the live parameters on every replay: a cached copy would be baked into the graph and go
+stale after an in-place update (and one first computed during capture holds no values).
 """
 import torch
 import torch.nn as nn
@@ -46,16 +49,22 @@ def _key(modules, dtype, device):
     return tuple(parts)
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never without CUDA initialized)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, projection=None):
     """Folded (w_kn, shift, w2_kn) for conv+bn, and the projection (conv, bn) if given, whose
     shift is added into ``shift`` and whose 1x1 weights come back as (C2, K) in w2_kn.
 
     Cached on ``conv`` unless autograd needs the fold itself (then computed inline so
-    gradients reach the conv and BN parameters) or torch.compile is tracing.
+    gradients reach the conv and BN parameters), torch.compile is tracing or a CUDA graph
+    is being captured.
     """
     modules = (conv, bn) + (tuple(projection) if projection is not None else ())
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in _sources(*modules))
-    cacheable = not tracked and not torch.compiler.is_compiling()
+    cacheable = not tracked and not torch.compiler.is_compiling() and not capturing()
     if cacheable:
         key = _key(modules, dtype, conv.weight.device)
         hit = conv.__dict__.get("_fastres_fold")

@@ -85,6 +85,28 @@ def _check_activation(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
         raise TypeError(f"fastres: {name} has dtype {t.dtype} but the input has {like.dtype}")
 
 
+def _check_param(name: str, t: torch.Tensor, x: torch.Tensor, dtype) -> None:
+    if t.device != x.device:
+        raise ValueError(f"fastres: the {name} tensor is on {t.device} but the input is on "
+                         f"{x.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"fastres: the {name} tensor has dtype {t.dtype} but the input has "
+                        f"{dtype}")
+    if not t.is_floating_point():
+        raise TypeError(f"fastres: the {name} tensor must be floating point, got {t.dtype}")
+
+
+def _check_weights(w: torch.Tensor, bias: Optional[torch.Tensor], kernel_size, groups) -> None:
+    """w must be (R*S*C/groups, K) with K divisible by groups; bias (K,)."""
+    taps = kernel_size[0] * kernel_size[1]
+    if w.dim() != 2 or w.shape[0] % taps or w.shape[1] % groups:
+        raise ValueError(f"fastres: weights must be (R*S*C/groups, K) = ({taps}*C/groups, K) "
+                         f"with K divisible by groups={groups}, got shape {tuple(w.shape)}")
+    if bias is not None and tuple(bias.shape) != (w.shape[1],):
+        raise ValueError(f"fastres: bias must have shape ({w.shape[1]},), got "
+                         f"{tuple(bias.shape)}")
+
+
 def check_input(x: torch.Tensor, in_channels: int, kernel_size, padding, dilation) -> None:
     """Raise a clear error for an input the fused conv cannot take."""
     if not isinstance(x, torch.Tensor):
@@ -108,10 +130,12 @@ def conv_bn_act(x, w, bias, *, kernel_size, stride, padding, dilation, groups, r
                 residual=None, res_step=1, res_off=0, shortcut=None, shortcut_w=None,
                 shortcut_stride=1):
     """Checked entry point: validate, make activations channels_last-dense, run the op."""
+    _check_weights(w, bias, kernel_size, groups)
     c_g = w.shape[0] // (kernel_size[0] * kernel_size[1])
     check_input(x, c_g * groups, kernel_size, padding, dilation)
-    if w.device != x.device:
-        raise ValueError(f"fastres: weights are on {w.device} but the input is on {x.device}")
+    _check_param("weight", w, x, x.dtype)
+    if bias is not None:
+        _check_param("bias", bias, x, None)
     n, k = x.shape[0], w.shape[1]
     p = out_size(x.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
     q = out_size(x.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
@@ -123,8 +147,14 @@ def conv_bn_act(x, w, bias, *, kernel_size, stride, padding, dilation, groups, r
             raise ValueError(f"fastres: residual of shape {tuple(residual.shape)} does not "
                              f"match the conv output {(n, k, p, q)}")
         residual = residual.contiguous(memory_format=CL)
+    if (shortcut is None) != (shortcut_w is None):
+        raise ValueError("fastres: a projection shortcut needs both its input and its weights")
     if shortcut is not None:
         _check_activation("shortcut input", shortcut, x)
+        if shortcut_w.dim() != 2 or shortcut_w.shape[1] != k:
+            raise ValueError(f"fastres: shortcut weights must be (C2, {k}), got shape "
+                             f"{tuple(shortcut_w.shape)}")
+        _check_param("shortcut weight", shortcut_w, x, x.dtype)
         s_n, s_c, s_h, s_w = shortcut.shape
         size = lambda v: (v - 1) // shortcut_stride + 1
         if (s_n, s_c, size(s_h), size(s_w)) != (n, shortcut_w.shape[0], p, q):

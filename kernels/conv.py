@@ -14,7 +14,8 @@ M = N*P*Q output pixels, N = K/G output channels, reduction over taps then chann
 innermost, contiguous). BatchNorm is folded into w and bias by the caller; the shortcut's
 BatchNorm into w2 and bias, so the shortcut is a second GEMM into the same accumulator and its
 output never reaches memory. ``rstep``/``roff`` express the CIFAR option-A shortcut (strided
-identity, zero-padded channels) as a load pattern.
+identity, zero-padded channels) as a load pattern. ``GEMM`` (1x1, stride 1, no padding) is the
+plain-GEMM path: x is read as an (M, C) matrix, no per-tap index arithmetic or bounds masks.
 """
 import torch
 import triton
@@ -34,9 +35,9 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M = N*P*Q: a new batch size must not recompile
 def conv_fused_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, y_ptr, stats_ptr,
     H, W, C, P, Q, M, K, C_G, K_G,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     RH, RW, RC, res_step, res_off,
@@ -44,6 +45,7 @@ def conv_fused_kernel(
     R: tl.constexpr, S: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
     RELU: tl.constexpr, INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_STATS: tl.constexpr, GEMM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Which tile am I: grouped ordering over (M tiles, N tiles) of one conv group.
@@ -75,8 +77,12 @@ def conv_fused_kernel(
         ih = p * stride_h - pad_h + r * dil_h
         for s in range(S):
             iw = q * stride_w - pad_w + s * dil_w
-            pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_row = ((img * H + ih) * W + iw) * C + g * C_G
+            if GEMM:  # 1x1, stride 1, no padding: output pixel m reads input pixel m
+                pix_ok = mask_m
+                x_row = offs_m * C + g * C_G
+            else:
+                pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_row = ((img * H + ih) * W + iw) * C + g * C_G
             w_row = (r * S + s) * C_G
             for c0 in range(0, C_G, BLOCK_K):
                 cs = c0 + offs_k
@@ -111,8 +117,17 @@ def conv_fused_kernel(
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as torch.relu
     y_mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(y_ptr + offs_m[:, None] * K + chan[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=y_mask)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * K + chan[None, :], y, mask=y_mask)
+    if WITH_STATS:  # (count, mean, M2) of this tile's stored outputs, per channel
+        y = tl.where(y_mask, y.to(tl.float32), 0.0)
+        cnt = tl.sum(mask_m.to(tl.float32), axis=0)
+        mean = tl.sum(y, axis=0) / cnt
+        m2 = tl.sum(tl.where(y_mask, (y - mean[None, :]) * (y - mean[None, :]), 0.0), axis=0)
+        part = stats_ptr + pid_m * K + chan
+        tl.store(part, tl.zeros_like(mean) + cnt, mask=mask_n)
+        tl.store(part + num_pid_m * K, mean, mask=mask_n)
+        tl.store(part + 2 * num_pid_m * K, m2, mask=mask_n)
 
 
 def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -121,13 +136,16 @@ def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -
 
 def conv_fused(x, w, bias, *, kernel_size, stride, padding, dilation, groups, relu,
                residual=None, res_step=1, res_off=0, shortcut=None, shortcut_stride=1,
-               shortcut_w=None, allow_tf32=True):
-    """Launch ``conv_fused_kernel``. Returns y as an (N, K, P, Q) channels_last tensor.
+               shortcut_w=None, allow_tf32=True, with_stats=False, config=None):
+    """Launch ``conv_fused_kernel``. Returns y as an (N, K, P, Q) channels_last tensor; with
+    ``with_stats``, (y, partials): partials (3, T, K) fp32 holds each M-tile's per-channel
+    (count, mean, M2) of the stored y, for ``kernels.bn.bn_merge`` (T = number of M tiles).
 
     x: (N, C, H, W) channels_last-dense; w: (R*S*C/groups, K) contiguous; bias: (K,) fp32 or
     None; residual: (N, RC, RH, RW) channels_last-dense or None; shortcut: the block input
     (N, C2, H2, W2) channels_last-dense with shortcut_w (C2, K), or None. The caller validates
-    shapes, dtypes and devices (``fastres.ops``).
+    shapes, dtypes and devices (``fastres.ops``). ``config``: a ``ConvConfig`` to use instead
+    of ``pick_config``'s (autotune passes its candidates here).
     """
     n, c, h, wd = x.shape
     r, s = kernel_size
@@ -138,19 +156,29 @@ def conv_fused(x, w, bias, *, kernel_size, stride, padding, dilation, groups, re
                     memory_format=torch.channels_last)
     m = n * p * q
     if m == 0 or k == 0:
-        return y
+        return (y, y.new_zeros((3, 0, k), dtype=torch.float32)) if with_stats else y
     c_g, k_g = c // groups, k // groups
-    cfg = pick_config(m, k_g, max(c_g, shortcut.shape[1] if shortcut is not None else 0))
+    cfg = config or pick_config(
+        m, k_g, max(c_g, shortcut.shape[1] if shortcut is not None else 0), x.element_size(),
+        r * s, launch=lambda cfg: conv_fused(  # autotune times this (FASTRES_AUTOTUNE=1)
+            x, w, bias, kernel_size=kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, relu=relu, residual=residual, res_step=res_step,
+            res_off=res_off, shortcut=shortcut, shortcut_stride=shortcut_stride,
+            shortcut_w=shortcut_w, allow_tf32=allow_tf32, with_stats=with_stats, config=cfg))
     res_shape = residual.shape[1:] if residual is not None else (0, 0, 0)
     sc_shape = shortcut.shape[1:] if shortcut is not None else (0, 0, 0)
     big = max(t.numel() for t in (x, y, residual, shortcut) if t is not None)
     precision = ("tf32" if allow_tf32 else "ieee") if x.dtype == torch.float32 else None
     grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(k_g, cfg.BLOCK_N), groups)
+    if with_stats:
+        stats = torch.empty((3, triton.cdiv(m, cfg.BLOCK_M), k), dtype=torch.float32,
+                            device=x.device)
     conv_fused_kernel[grid](
         x, w, bias if bias is not None else w,
         residual if residual is not None else x,
         shortcut if shortcut is not None else x,
         shortcut_w if shortcut_w is not None else w, y,
+        stats if with_stats else y,
         h, wd, c, p, q, m, k, c_g, k_g,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         res_shape[1], res_shape[2], res_shape[0], res_step, res_off,
@@ -158,6 +186,8 @@ def conv_fused(x, w, bias, *, kernel_size, stride, padding, dilation, groups, re
         R=r, S=s, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_SHORTCUT=shortcut is not None, RELU=relu, INT64=big > INT32_SAFE,
         UPCAST=interpreting() and x.dtype == torch.bfloat16, PRECISION=precision,
+        WITH_STATS=with_stats,
+        GEMM=(r, s) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0),
         **cfg.kwargs(),
     )
-    return y
+    return (y, stats) if with_stats else y

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One shot on a GPU machine, under 8 minutes in all, everything into OUTDIR:
+#   1. record the GPU and the torch / Triton versions; install fastres (no index needed)
+#   2. correctness on CUDA: pytest tests (time-boxed)
+#   3. the benchmark subset that matters most: ResNet-50's distinct convs and blocks, bf16,
+#      batch 256, inference; eager channels_last vs torch.compile vs fastres first, then
+#      max-autotune rows while time is left; peaks measured in the same run
+# Outputs: run_gpu.log (everything), tests.xml, bench.json (pytest-benchmark),
+# results.json + table.md + plot.png (the harness; rebuild with python -m benchmarks.report).
+set -uo pipefail
+OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR}
+TOTAL_S=${FASTRES_GPU_BUDGET_S:-465}   # the whole script
+TESTS_S=${FASTRES_GPU_TESTS_S:-180}    # the correctness stage at most
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+exec > >(tee "$OUT/run_gpu.log") 2>&1
+unset TRITON_INTERPRET
+start=$SECONDS
+
+echo "== $(date -u +%FT%TZ) fastres run_gpu.sh"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+nvidia-smi -L
+python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
+
+echo "== install"
+pip install --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 \
+    || { echo "pip install failed:"; tail -20 "$OUT/pip.log"; }
+
+echo "== correctness on CUDA (at most ${TESTS_S}s)"
+timeout -s INT -k 10 "$TESTS_S" python -m pytest tests -q -p no:cacheprovider \
+    --junitxml="$OUT/tests.xml" \
+    --deselect tests/test_benchmarks_quick.py::test_quick_rows_have_extra_info \
+    --deselect tests/test_benchmarks_quick.py::test_quick_flops_are_the_reference_convs \
+    --deselect tests/test_benchmarks_quick.py::test_report_rebuilds_table_and_plot
+echo "tests exit status: $? (124 or 130: time box reached)"
+
+BENCH_ARGS=(--benchmark-json "$OUT/bench.json" --benchmark-columns median,min,max,rounds
+            --benchmark-sort name)
+python -c "import pytest_benchmark" 2>/dev/null \
+    || { echo "pytest-benchmark is not installed: results.json and table.md only"; BENCH_ARGS=(); }
+left=$(( TOTAL_S - (SECONDS - start) ))
+echo "== benchmarks (${left}s left; rows starting after $(( left - 75 ))s are skipped)"
+timeout -s INT -k 15 $(( left - 10 )) python -m pytest benchmarks -q -p no:cacheprovider \
+    --units convs,blocks --dtypes bf16 --batches 256 --modes inference \
+    --providers eager_channels_last,compile,fastres,compile_max_autotune \
+    --bench-deadline $(( left - 75 )) --bench-out "$OUT" "${BENCH_ARGS[@]}"
+echo "benchmarks exit status: $?"
+echo "== done in $(( SECONDS - start ))s; outputs in $OUT"
+ls -l "$OUT"

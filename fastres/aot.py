@@ -1,0 +1,425 @@
+"""Ahead-of-time compile of every kernel variant for sm_90a (H100/H200), on a machine without
+a GPU: ``python -m fastres.aot [--quick] [-j JOBS] [--kernel NAME]``.
+
+Each variant is compiled with ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
+target=GPUTarget("cuda", 90, 32))``, specialized the way the JIT specializes a real launch
+(pointers 16-byte aligned, an integer equal to 1 a constant, a multiple of 16 marked
+divisible). One row per variant:
+
+    regs   registers per thread                       (cuobjdump -res-usage: REG)
+    spill  bytes of local memory per thread            (cuobjdump -res-usage: LOCAL + STACK)
+    smem   dynamic shared memory per block, KiB        (Triton metadata ``shared``)
+    hgmma  Hopper tensor-core instructions in the SASS (cuobjdump -sass: HGMMA = wgmma)
+    hmma   mma.sync tensor-core instructions (HMMA: Ampere-style, slower than wgmma on Hopper)
+
+Exit status 1 when any variant spills, needs more shared memory than an sm_90 block may have,
+misses the tensor cores although its dot should use them (bf16, fp16, fp32 with tf32: HGMMA,
+or, where a variant allows it, the older HMMA, marked in the status), fails to compile, or
+when a kernel of ``fastres.kernels`` has no entry in ``KERNELS`` below: the one list of what
+gets checked. fp32 with ``input_precision="ieee"`` is the bit-accurate reference mode, not a
+performance path: its dot runs on the FMA units (no tensor cores by design) and ptxas spills a
+few bytes there erratically (8-48 B, for tile shapes that compile clean with another
+epilogue), so its spills are reported ("FMA dot") but do not fail the run.
+"""
+import argparse
+import importlib
+import itertools
+import multiprocessing
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+SM90_MAX_SHARED = 232448  # bytes of dynamic shared memory one sm_90 block may use (227 KiB)
+# (dtype, dot input precision, tensor cores expected): precision is explicit, never a default.
+DTYPES = (("bf16", None, True), ("fp16", None, True), ("fp32", "tf32", True),
+          ("fp32", "ieee", False))
+ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _dtypes(quick):
+    """--quick leaves fp16 out: its code is bf16's with another MMA input type."""
+    return [d for d in DTYPES if not (quick and d[0] == "fp16")]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compilation: ``args`` maps each runtime argument to an example value (a pointer's
+    Triton type such as ``"*bf16"``, an int, or a float); ``tensor_cores`` is True when the
+    SASS must hold tensor-core instructions (HGMMA, or also HMMA when not ``wgmma``), False
+    for a dot that legitimately has none, None without a dot."""
+    kernel: str
+    label: str
+    args: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    tensor_cores: Optional[bool]
+    wgmma: bool = True
+
+
+@dataclass
+class Row:
+    variant: Variant
+    regs: int = 0
+    spill: int = 0
+    smem: int = 0
+    hgmma: int = 0
+    hmma: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    problems: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# What gets compiled. Integer examples are a ResNet-50 layer: the JIT specializes on them (== 1,
+# % 16 == 0), so they decide which index arithmetic the compiler can simplify.
+
+def _conv_ints(r, stride, c, k):
+    h = 56
+    p = (h + 2 * (r // 2) - r) // stride + 1
+    return dict(H=h, W=h, C=c, P=p, Q=p, M=256 * p * p, K=k, C_G=c, K_G=k,
+                stride_h=stride, stride_w=stride, pad_h=r // 2, pad_w=r // 2,
+                dil_h=1, dil_w=1)
+
+
+# Epilogues of conv_fused_kernel: name -> (HAS_BIAS, HAS_RES, HAS_SHORTCUT, RELU, WITH_STATS,
+# INT64); plain "bias+relu" is a subset of the others.
+CONV_EPILOGUES = {
+    "bias+relu": (1, 0, 0, 1, 0, 0),
+    "bias+res+relu": (1, 1, 0, 1, 0, 0),
+    "bias+shortcut+relu": (1, 0, 1, 1, 0, 0),
+    "stats": (0, 0, 0, 0, 1, 0),
+    "int64 bias+res+relu": (1, 1, 0, 1, 0, 1),
+}
+# (R = S, stride, C, epilogue): the cases of ResNets. 1x1 stride 1 takes the GEMM path; 7x7 is
+# the stem (C = 3), compiled with the configs of BLOCK_K = 16, the only ones it gets.
+CONV_CASES = ((3, 1, 64, "bias+shortcut+relu"), (1, 1, 256, "bias+res+relu"),
+              (3, 1, 64, "stats"), (3, 2, 64, "int64 bias+res+relu"), (7, 2, 3, "bias+relu"))
+QUICK_CASES = 2
+
+
+def _cfg_label(cfg):
+    return (f"BM{cfg.BLOCK_M} BN{cfg.BLOCK_N} BK{cfg.BLOCK_K} G{cfg.GROUP_M} "
+            f"w{cfg.num_warps} s{cfg.num_stages}")
+
+
+def _blocks(cfg):
+    return {k: v for k, v in cfg.kwargs().items() if k not in ("num_warps", "num_stages")}
+
+
+def _dtype_label(dt, prec):
+    return dt + (f"/{prec}" if prec else "")
+
+
+def _configs_for(dt, quick):
+    from fastres.kernels.configs import all_configs
+    cfgs = all_configs(ELEM_BYTES[dt])
+    if quick:  # the smallest and the largest tile
+        key = lambda c: (c.BLOCK_M * c.BLOCK_N * c.BLOCK_K, c.num_warps)
+        cfgs = [min(cfgs, key=key), max(cfgs, key=key)]
+    return cfgs
+
+
+def conv_fused_variants(quick):
+    cases = CONV_CASES[:QUICK_CASES] if quick else CONV_CASES
+    for (dt, prec, tc), (r, stride, c, epi) in itertools.product(_dtypes(quick), cases):
+        k = 256
+        for cfg in _configs_for(dt, quick):
+            if r == 7 and cfg.BLOCK_K != 16:
+                continue
+            bias, res, sc, relu, stats, int64 = CONV_EPILOGUES[epi]
+            ints = _conv_ints(r, stride, c, k)
+            args = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr="*fp32", res_ptr=f"*{dt}",
+                        x2_ptr=f"*{dt}", w2_ptr=f"*{dt}", y_ptr=f"*{dt}", stats_ptr="*fp32",
+                        RH=ints["P"] if res else 0, RW=ints["Q"] if res else 0,
+                        RC=k if res else 0, res_step=1, res_off=0,
+                        H2=2 * ints["P"] if sc else 0, W2=2 * ints["Q"] if sc else 0,
+                        C2=k // 2 if sc else 0, stride2=2, **ints)
+            gemm = r == 1 and stride == 1
+            constexprs = dict(R=r, S=r, HAS_BIAS=bool(bias), HAS_RES=bool(res),
+                              HAS_SHORTCUT=bool(sc), RELU=bool(relu), INT64=bool(int64),
+                              UPCAST=False, PRECISION=prec, WITH_STATS=bool(stats),
+                              GEMM=gemm, **_blocks(cfg))
+            yield Variant("conv_fused_kernel",
+                          f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''} {epi} "
+                          f"{_cfg_label(cfg)}", args, constexprs, cfg.num_warps,
+                          cfg.num_stages, tc)
+
+
+def conv_dgrad_variants(quick):
+    for dt, prec, tc in _dtypes(quick):
+        r = 3  # R and S only bound loops: the 3x3 code stands for the others
+        ints = _conv_ints(r, 1, 64, 64)
+        for cfg in _configs_for(dt, quick)[-1:] if quick else _configs_for(dt, quick):
+            constexprs = dict(R=r, S=r, INT64=False, UPCAST=False, PRECISION=prec,
+                              **_blocks(cfg))
+            yield Variant("conv_dgrad_kernel", f"{_dtype_label(dt, prec)} {r}x{r} "
+                          f"{_cfg_label(cfg)}", dict(dy_ptr=f"*{dt}", w_ptr=f"*{dt}",
+                                                     dx_ptr=f"*{dt}", **ints),
+                          constexprs, cfg.num_warps, cfg.num_stages, tc)
+
+
+def conv_wgrad_variants(quick):
+    from fastres.kernels.conv_bwd import wgrad_blocks
+    shapes = ((64, 64),) if quick else ((16, 16), (32, 64), (256, 256))
+    for (dt, prec, tc), s in itertools.product(_dtypes(quick), (3,) if quick else (1, 3, 7)):
+        for c, k in shapes:
+            blocks = wgrad_blocks(1 << 20, c, k)  # the host launcher's tiles on a GPU
+            warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
+            ints = _conv_ints(s, 1, c, k)
+            constexprs = dict(S=s, INT64=False, UPCAST=False, PRECISION=prec, **blocks)
+            yield Variant("conv_wgrad_kernel", f"{_dtype_label(dt, prec)} S{s} " + " ".join(
+                f"{n[6:]}{v}" for n, v in blocks.items()) + f" w{warps} s{stages}",
+                dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", M_PER_SPLIT=ints["M"] // 8,
+                     RSC=s * s * c, **ints), constexprs, warps, stages, tc,
+                wgmma=False)  # conv_bwd.wgrad_blocks' tiles: BLOCK_C < 64 takes mma.sync
+
+
+# Elementwise / reduction kernels without a dot: every flag on, every flag off, per dtype.
+# fp32 pointers are named here; every other pointer has the activation dtype; block sizes are
+# the module's constants of the same name (BLOCK_M, ...) unless given in "consts".
+_ELEMENTWISE = {
+    "bn_merge_kernel": dict(fp32=("part_ptr", "out_ptr", "stats_ptr", "rmean_ptr", "rvar_ptr"),
+                            ptrs=dict(nbt_ptr="*i64"), floats=("momentum", "eps")),
+    "bn_act_kernel": dict(fp32=("stats_ptr", "stats2_ptr", "w_ptr", "b_ptr", "w2_ptr",
+                                "b2_ptr")),
+    "bn_bwd_reduce_kernel": dict(fp32=("stats_ptr", "stats2_ptr", "part_ptr")),
+    "column_sum_kernel": dict(fp32=("part_ptr", "stats_ptr", "stats2_ptr", "out_ptr")),
+    "bn_bwd_dx_kernel": dict(fp32=("stats_ptr", "w_ptr", "stats2_ptr", "w2_ptr", "sums_ptr")),
+    "sum_splits_kernel": dict(fp32=("part_ptr", "out_ptr"), consts=dict(BLOCK=1024)),
+}
+
+
+def _elementwise_variants(name):
+    def variants(quick):
+        spec = _ELEMENTWISE[name]
+        fn, module = _kernel(name)
+        consts = spec.get("consts", {})
+        flags = [p for p in _constexpr_names(fn) if not p.startswith("BLOCK") and p not in consts]
+        blocks = dict({p: getattr(module, p) for p in _constexpr_names(fn)
+                       if p.startswith("BLOCK_") and p not in consts}, **consts)
+        dtypes = ("bf16",) if quick else ("bf16", "fp16", "fp32")
+        for dt, on in itertools.product(dtypes, (True,) if quick else (True, False)):
+            args = {}
+            for a in _runtime_names(fn):
+                if a in spec.get("ptrs", {}):
+                    args[a] = spec["ptrs"][a]
+                elif a.endswith("_ptr"):
+                    args[a] = "*fp32" if a in spec["fp32"] else f"*{dt}"
+                else:
+                    args[a] = 0.1 if a in spec.get("floats", ()) else 50176
+            yield Variant(name, f"{dt} flags={'on' if on else 'off'}", args,
+                          dict({f: on for f in flags}, **blocks), 4, 3, None)
+    return variants
+
+
+KERNELS = {
+    "conv_fused_kernel": conv_fused_variants,
+    "conv_dgrad_kernel": conv_dgrad_variants,
+    "conv_wgrad_kernel": conv_wgrad_variants,
+    **{name: _elementwise_variants(name) for name in _ELEMENTWISE},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery, compilation, inspection.
+
+def discover():
+    """Every ``@triton.jit`` entry point (name ending in ``_kernel``) of ``fastres.kernels``:
+    name -> (JITFunction, module)."""
+    import fastres.kernels as pkg
+    from triton.runtime.jit import JITFunction
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if (name.endswith("_kernel") and isinstance(obj, JITFunction)
+                    and obj.fn.__module__ == module.__name__):
+                found[name] = (obj, module)
+    return found
+
+
+def _kernel(name):
+    return discover()[name]
+
+
+def _constexpr_names(fn):
+    return [p.name for p in fn.params if p.is_constexpr]
+
+
+def _runtime_names(fn):
+    return [p.name for p in fn.params if not p.is_constexpr]
+
+
+def build_source(fn, variant):
+    """The ASTSource of one variant, specialized as the JIT would specialize the launch."""
+    from triton.compiler import ASTSource
+    missing = set(_constexpr_names(fn)) - set(variant.constexprs)
+    unknown = set(variant.constexprs) - set(_constexpr_names(fn))
+    absent = set(_runtime_names(fn)) - set(variant.args)
+    if missing or unknown or absent:
+        raise ValueError(f"{variant.kernel}: its aot spec is out of date: constexprs missing "
+                         f"{sorted(missing)}, unknown {sorted(unknown)}; runtime args missing "
+                         f"{sorted(absent)}")
+    signature, constexprs, attrs = {}, dict(variant.constexprs), {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            continue
+        value = variant.args[p.name]
+        if isinstance(value, str):
+            signature[p.name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[p.name] = "fp32"
+        elif value == 1 and not p.do_not_specialize:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = 1
+        else:
+            signature[p.name] = "i32"
+            if value % 16 == 0 and not p.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    try:
+        return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    except TypeError as e:
+        import triton
+        raise RuntimeError(f"triton {triton.__version__}: ASTSource(fn, signature, constexprs, "
+                           f"attrs) is not this version's API (needs Triton >= 3.3): {e}")
+
+
+def cuobjdump() -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    path = path if os.path.exists(path) else shutil.which("cuobjdump")
+    if path is None:
+        raise RuntimeError("cuobjdump not found (neither in triton/backends/nvidia/bin nor "
+                           "on PATH)")
+    return path
+
+
+def inspect_cubin(cubin: bytes):
+    """(registers, spill bytes, HGMMA count, HMMA count) of a one-kernel cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        tool = cuobjdump()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    field_ = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))
+    return (field_("REG"), field_("LOCAL") + field_("STACK"),
+            len(re.findall(r"\bHGMMA\b", sass)), len(re.findall(r"\bHMMA\b", sass)))
+
+
+def compile_one(variant: Variant) -> Row:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    row = Row(variant)
+    start = time.perf_counter()
+    try:
+        fn, _ = _kernel(variant.kernel)
+        compiled = triton.compile(build_source(fn, variant), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=variant.num_warps,
+                                               num_stages=variant.num_stages))
+        row.regs, row.spill, row.hgmma, row.hmma = inspect_cubin(compiled.asm["cubin"])
+        row.smem = compiled.metadata.shared
+    except Exception as e:  # reported as a failed row; the run goes on
+        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+    row.seconds = time.perf_counter() - start
+    row.problems = problems(row)
+    return row
+
+
+def problems(row: Row) -> list:
+    """What fails the run for this row (empty: it passes)."""
+    if row.error:
+        return [row.error]
+    out = []
+    if row.spill and row.variant.tensor_cores is not False:
+        out.append(f"spills {row.spill} B")
+    if row.smem > SM90_MAX_SHARED:
+        out.append(f"shared memory {row.smem} B > {SM90_MAX_SHARED} B")
+    if row.variant.tensor_cores and not row.hgmma:
+        if row.variant.wgmma:
+            out.append("no HGMMA: the dot misses wgmma")
+        elif not row.hmma:
+            out.append("no HGMMA/HMMA: the dot misses the tensor cores")
+    return out
+
+
+def notes(row: Row) -> list:
+    """What is reported without failing."""
+    out = []
+    if row.spill and row.variant.tensor_cores is False:
+        out.append(f"FMA dot: spills {row.spill} B")
+    if row.variant.tensor_cores and row.hmma and not row.hgmma:
+        out.append("mma.sync (HMMA), not wgmma")
+    return out
+
+
+def variants(quick=False, only=None):
+    """(all variants, names of kernels without an entry in KERNELS)."""
+    found = discover()
+    unlisted = sorted(set(found) - set(KERNELS))
+    out = []
+    for name, make in KERNELS.items():
+        if name in found and (only is None or name == only):
+            out.extend(make(quick))
+    return out, unlisted
+
+
+def run(quick=False, jobs=None, only=None, out=sys.stdout):
+    """Compile every variant (``jobs`` processes); print the table; return (rows, ok)."""
+    todo, unlisted = variants(quick, only)
+    start = time.perf_counter()
+    jobs = jobs or os.cpu_count() or 1
+    if jobs > 1:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            rows = pool.map(compile_one, todo, chunksize=1)
+    else:
+        rows = [compile_one(v) for v in todo]
+    wall = time.perf_counter() - start
+    print(f"{'kernel':<22} {'variant':<62} {'regs':>4} {'spill':>5} {'smemKiB':>7} "
+          f"{'hgmma':>5} {'hmma':>5}  status", file=out)
+    for r in rows:
+        status = "; ".join(r.problems) or "; ".join(["ok"] + notes(r))
+        print(f"{r.variant.kernel:<22} {r.variant.label:<62} {r.regs:>4} {r.spill:>5} "
+              f"{r.smem / 1024:>7.1f} {r.hgmma:>5} {r.hmma:>5}  {status}", file=out)
+    for name in unlisted:
+        print(f"{name}: a kernel without an aot spec: add it to KERNELS in fastres/aot.py",
+              file=out)
+    bad = [r for r in rows if r.problems]
+    print(f"{len(rows)} variants, {len(bad)} failing, {len(unlisted)} unlisted kernels; "
+          f"{wall:.1f} s wall with {jobs} processes", file=out)
+    return rows, not bad and not unlisted
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastres.aot", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="a subset: smallest and largest tile per dtype, one per kernel")
+    parser.add_argument("-j", "--jobs", type=int, default=None,
+                        help="compile processes (default: all CPUs)")
+    parser.add_argument("--kernel", default=None, help="only this kernel")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # The interpreter replaces @triton.jit functions: compile in a fresh process without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = sys.argv[1:] if argv is None else list(argv)
+        sys.exit(subprocess.run([sys.executable, "-m", "fastres.aot", *argv], env=env).returncode)
+    _, ok = run(args.quick, args.jobs, args.kernel)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

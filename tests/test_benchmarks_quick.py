@@ -1,0 +1,108 @@
+"""The benchmark harness does not rot: its quick mode runs (in a subprocess, without the
+Triton interpreter), every row carries the keys users compare providers by, pytest-benchmark
+records the harness' own timings, and ``benchmarks.report`` rebuilds a table and a PNG.
+Plus fastres.flops: FlopCounterMode charges a fastres block what it charges torchvision's.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastres
+from fastres import flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_KEYS = ("unit", "kind", "provider", "mode", "dtype", "batch", "flops", "bytes", "device",
+            "note", "time_s", "tflops", "pct_peak", "floor_s", "time_over_floor",
+            "images_per_s", "peak_tflops", "peak_gbps")
+
+
+def _run(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    log = _run(["-m", "pytest", "benchmarks", "--quick", "-q", "-p", "no:cacheprovider",
+                "--bench-out", str(out), "--benchmark-json", str(out / "bench.json")], ROOT)
+    with open(out / "bench.json") as f:
+        return out, json.load(f)["benchmarks"], log
+
+
+def test_quick_rows_have_extra_info(quick_run):
+    _, rows, log = quick_run
+    assert rows, "the quick run produced no benchmark rows"
+    on_gpu = torch.cuda.is_available()
+    providers = {r["extra_info"]["provider"] for r in rows}
+    assert {"eager", "eager_channels_last", "fastres"} <= providers
+    for r in rows:
+        info = r["extra_info"]
+        missing = [k for k in ROW_KEYS if k not in info]
+        assert not missing, f"{r['name']}: extra_info lacks {missing}"
+        assert info["flops"] > 0 and info["bytes"] > 0 and info["floor_s"] > 0
+        # pytest-benchmark's statistics are the harness' own per-call seconds
+        assert r["stats"]["median"] == pytest.approx(info["time_s"], rel=1e-6)
+        if not on_gpu:
+            assert info["device"] == "cpu" and info["note"] == "CPU, not a performance figure"
+        other = [p for p in providers if p != "fastres"]
+        if info["provider"] == "fastres":
+            assert all(f"speedup_vs_{p}" in info for p in other), sorted(info)
+        else:
+            assert info["fastres_speedup"] > 0
+    assert "fastres: FLOPs vs wall-clock" in log
+
+
+def test_quick_flops_are_the_reference_convs(quick_run):
+    _, rows, _ = quick_run
+    by = {(r["extra_info"]["unit"], r["extra_info"]["mode"]): r["extra_info"] for r in rows}
+    conv = by[("resnet50.layer3.0.conv1", "inference")]  # 1x1, 512 -> 256 at 28x28
+    assert conv["flops"] == 2 * conv["batch"] * 28 * 28 * 256 * 512
+    # a training step is forward + data gradient + weight gradient
+    assert by[("resnet50.layer3.0.conv1", "train")]["flops"] == 3 * conv["flops"]
+
+
+def test_report_rebuilds_table_and_plot(quick_run, tmp_path):
+    out, rows, _ = quick_run
+    _run(["-m", "benchmarks.report", str(out / "bench.json"), "--out", str(tmp_path)], ROOT)
+    table = (tmp_path / "table.md").read_text()
+    assert "| unit | mode | dtype | batch |" in table
+    assert "resnet50.layer3.0 " in table and "cifar_resnet20" in table
+    with open(tmp_path / "plot.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (out / "table.md").exists() and (out / "plot.png").exists()  # the run's own
+
+
+@pytest.mark.parametrize("name", ["layer2.0", "layer2.1"])
+def test_flop_counter_charges_fastres_what_it_charges_torchvision(name):
+    """Projection and identity Bottlenecks, on the meta device (no kernel runs)."""
+    with torch.device("meta"):
+        ref = torchvision.models.resnet50().get_submodule(name).eval()
+    fast = fastres.convert(copy.deepcopy(ref)).eval()
+    hw = 56 if name == "layer2.0" else 28
+    x = torch.empty(2, ref.conv1.in_channels, hw, hw, device="meta")
+    counts = []
+    for module in (ref, fast):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
+def test_minimal_bytes_of_a_fused_conv():
+    """One conv + BN + ReLU: read x, weights and bias once, write y once."""
+    conv = fastres.ConvBNAct(8, 16, 3, padding=1).eval().to("meta")
+    x = torch.empty(2, 8, 10, 10, device="meta")
+    expected = 4 * (x.numel() + 8 * 9 * 16 + 16 + 2 * 16 * 10 * 10)
+    assert flops.minimal_bytes(conv, x) == expected
+    assert flops.roofline_floor(1e12, 1e9, 1e12, 1e12) == 1.0
