@@ -75,7 +75,7 @@ def fused_conv_bn(x, conv, bn, relu, residual=None, res_step=1, res_off=0, proje
     ops.check_input(x, conv.in_channels, conv.kernel_size, conv.padding, conv.dilation)
     if x.dtype == torch.float32 and autocasting(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    w, b, w2 = folded(conv, bn, x.dtype, projection)
+    w, b, w2 = folded(conv, bn, x.dtype, projection, ops.uses_triton(x))
     if residual is not None:
         residual = residual.to(x.dtype)
     if shortcut is not None:

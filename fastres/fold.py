@@ -26,13 +26,21 @@ def bn_scale_shift(bn: nn.BatchNorm2d):
     return scale, shift
 
 
-def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype):
-    """(w_kn, shift): conv weights scaled by BN, in the kernel's (R*S*C_g, K) layout."""
+def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, for_triton: bool = True):
+    """(w_kn, shift): conv weights scaled by BN as an (R*S*C_g, K) matrix.
+
+    For the Triton kernel w_kn is contiguous (K innermost). For the plain-PyTorch path it is
+    the transposed view of an OHWI-contiguous (K, R*S*C_g) tensor: the same shape, and the
+    memory the CPU convolution reads without a weight reorder on every call.
+    """
     scale, shift = bn_scale_shift(bn)
     w = conv.weight.float() * scale[:, None, None, None]
     if conv.bias is not None:
         shift = shift + conv.bias.float() * scale
-    w_kn = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).to(dtype).contiguous()
+    if for_triton:
+        w_kn = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).to(dtype).contiguous()
+    else:
+        w_kn = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).to(dtype).contiguous().t()
     return w_kn, shift.contiguous()
 
 
@@ -54,9 +62,11 @@ def capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, projection=None):
+def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, projection=None,
+           for_triton: bool = True):
     """Folded (w_kn, shift, w2_kn) for conv+bn, and the projection (conv, bn) if given, whose
-    shift is added into ``shift`` and whose 1x1 weights come back as (C2, K) in w2_kn.
+    shift is added into ``shift`` and whose 1x1 weights come back as (C2, K) in w2_kn; laid
+    out for the Triton kernel or for the plain-PyTorch path (``fold``).
 
     Cached on ``conv`` unless autograd needs the fold itself (then computed inline so
     gradients reach the conv and BN parameters), torch.compile is tracing or a CUDA graph
@@ -66,15 +76,15 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype, projection=N
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in _sources(*modules))
     cacheable = not tracked and not torch.compiler.is_compiling() and not capturing()
     if cacheable:
-        key = _key(modules, dtype, conv.weight.device)
+        key = _key(modules, dtype, conv.weight.device) + (for_triton,)
         hit = conv.__dict__.get("_fastres_fold")
         if hit is not None and hit[0] == key:
             return hit[1]
     with torch.inference_mode(False):
-        w_kn, shift = fold(conv, bn, dtype)
+        w_kn, shift = fold(conv, bn, dtype, for_triton)
         w2_kn = None
         if projection is not None:
-            w2_kn, shift2 = fold(projection[0], projection[1], dtype)
+            w2_kn, shift2 = fold(projection[0], projection[1], dtype, for_triton)
             shift = shift + shift2
     out = (w_kn, shift, w2_kn)
     if cacheable:

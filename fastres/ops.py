@@ -27,8 +27,10 @@ def uses_triton(t: torch.Tensor) -> bool:
 
 
 def _weight_oihw(w: torch.Tensor, kernel_size: List[int], c_g: int) -> torch.Tensor:
+    """(R*S*C_g, K) -> (K, C_g, R, S); free, and channels_last, when w is the transposed view
+    of an OHWI-contiguous tensor (``fastres.fold`` lays the CPU path's weights out so)."""
     r, s = kernel_size
-    return w.view(r, s, c_g, w.shape[1]).permute(3, 2, 0, 1)
+    return w.t().reshape(w.shape[1], r, s, c_g).permute(0, 3, 1, 2)
 
 
 def _reference(x, w, bias, residual, shortcut, shortcut_w, kernel_size, stride, padding,
@@ -37,7 +39,7 @@ def _reference(x, w, bias, residual, shortcut, shortcut_w, kernel_size, stride, 
     y = F.conv2d(x, _weight_oihw(w, kernel_size, x.shape[1] // groups),
                  bias.to(x.dtype) if bias is not None else None, stride, padding, dilation, groups)
     if shortcut is not None:
-        w2 = shortcut_w.t().reshape(shortcut_w.shape[1], shortcut_w.shape[0], 1, 1)
+        w2 = _weight_oihw(shortcut_w, [1, 1], shortcut_w.shape[0])
         y.add_(F.conv2d(shortcut, w2, stride=shortcut_stride))
     if residual is not None:
         res = residual[:, :, ::res_step, ::res_step]
@@ -60,11 +62,13 @@ def conv_bn_act_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
     if not uses_triton(x):
         return _reference(x, w, bias, residual, shortcut, shortcut_w, kernel_size, stride,
                           padding, dilation, groups, relu, res_step, res_off, shortcut_stride)
-    return conv_fused(x, w, bias, kernel_size=kernel_size, stride=stride, padding=padding,
-                      dilation=dilation, groups=groups, relu=relu, residual=residual,
-                      res_step=res_step, res_off=res_off, shortcut=shortcut,
-                      shortcut_stride=shortcut_stride, shortcut_w=shortcut_w,
-                      allow_tf32=torch.backends.cudnn.allow_tf32)
+    dense = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    cl = lambda t: t.contiguous(memory_format=CL) if t is not None else None  # noqa: E731
+    return conv_fused(cl(x), dense(w), dense(bias), kernel_size=kernel_size, stride=stride,
+                      padding=padding, dilation=dilation, groups=groups, relu=relu,
+                      residual=cl(residual), res_step=res_step, res_off=res_off,
+                      shortcut=cl(shortcut), shortcut_stride=shortcut_stride,
+                      shortcut_w=dense(shortcut_w), allow_tf32=torch.backends.cudnn.allow_tf32)
 
 
 @conv_bn_act_op.register_fake

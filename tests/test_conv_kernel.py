@@ -22,15 +22,6 @@ GEOMETRIES = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=["triton", "pytorch"])
-def path(request, monkeypatch):
-    """Each op test runs twice: on the Triton kernel, and on the plain-PyTorch CPU path."""
-    if request.param == "pytorch":
-        if DEVICE != "cpu":
-            pytest.skip("the plain-PyTorch path serves CPU tensors only")
-        monkeypatch.setattr(ops, "uses_triton", lambda t: False)
-    return request.param
-
 
 def _inputs(c, k, ksz, groups, h, w, batch, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -118,3 +109,14 @@ def test_triton_kernel_runs_and_no_torch_conv(monkeypatch):
         _run(x, weight, bias, 1, 1, 1, 1, relu=True)
     assert launches == [1]
     assert counter.convs == 0
+
+
+def test_any_weight_layout_reaches_the_right_answer(path):
+    """The op takes (R*S*C_g, K) weights in any memory layout: contiguous (the kernel's) or the
+    transposed view of OHWI memory (what the fold gives the plain-PyTorch path)."""
+    x, weight, bias = _inputs(8, 16, 3, 1, 7, 7, 2, torch.float32, seed=5)
+    ohwi_view = weight.permute(0, 2, 3, 1).reshape(16, -1).contiguous().t()
+    y = ops.conv_bn_act(x.to(DEVICE), ohwi_view.to(DEVICE), bias.to(DEVICE), kernel_size=(3, 3),
+                        stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=False)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
+    assert_close(y.cpu(), ref, torch.float32, "OHWI-view weights")
