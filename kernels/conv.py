@@ -35,6 +35,17 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program over an (M, N) output in BLOCK_M x BLOCK_N tiles, in
+    groups of GROUP_M tile rows so neighbouring programs share operand tiles in L2."""
+    pid = tl.program_id(0)
+    pids_per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % pids_per_group) % group_rows, (pid % pids_per_group) // group_rows
+
+
 @triton.jit(do_not_specialize=["M"])  # M = N*P*Q: a new batch size must not recompile
 def conv_fused_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, y_ptr, stats_ptr,
@@ -49,15 +60,9 @@ def conv_fused_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Which tile am I: grouped ordering over (M tiles, N tiles) of one conv group.
-    pid = tl.program_id(0)
     g = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(K_G, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = tile_ids(M, K_G, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .configs import ConvConfig, _pow2_at_least, interpreting, pick_config
-from .conv import INT32_SAFE, _mma
+from .conv import INT32_SAFE, _mma, tile_ids
 
 WGRAD_PROGRAMS = 2 * 132  # split-K target: two programs per H100/H200 SM
 
@@ -58,15 +58,8 @@ def conv_dgrad_kernel(
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     g = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(C_G, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = tile_ids(M, C_G, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

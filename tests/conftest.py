@@ -2,7 +2,21 @@
 interpreter on CPU tensors. TRITON_INTERPRET must be set before triton is imported."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastres.ops as ops  # noqa: E402  (after TRITON_INTERPRET is set)
+from helpers import DEVICE  # noqa: E402
+
+
+@pytest.fixture(params=["triton", "pytorch"])
+def path(request, monkeypatch):
+    """Run a test twice: on the Triton kernels, and on the plain-PyTorch CPU path."""
+    if request.param == "pytorch":
+        if DEVICE != "cpu":
+            pytest.skip("the plain-PyTorch path serves CPU tensors only")
+        monkeypatch.setattr(ops, "uses_triton", lambda t: False)
+    return request.param

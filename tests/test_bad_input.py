@@ -19,14 +19,6 @@ from helpers import DEVICE, assert_close, randomize_bn
 OTHER_DEVICE = "cpu" if DEVICE == "cuda" else "meta"
 
 
-@pytest.fixture(params=["triton", "pytorch"])
-def path(request, monkeypatch):
-    if request.param == "pytorch":
-        if DEVICE != "cpu":
-            pytest.skip("the plain-PyTorch path serves CPU tensors only")
-        monkeypatch.setattr(ops, "uses_triton", lambda t: False)
-    return request.param
-
 
 @pytest.fixture
 def no_launch(monkeypatch):

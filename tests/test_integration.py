@@ -26,14 +26,6 @@ from helpers import DEVICE, assert_close, randomize_bn
 CONVS = 7  # fused convs of CifarResNet(1): the stem and two per block
 
 
-@pytest.fixture(params=["triton", "pytorch"])
-def path(request, monkeypatch):
-    if request.param == "pytorch":
-        if DEVICE != "cpu":
-            pytest.skip("the plain-PyTorch path serves CPU tensors only")
-        monkeypatch.setattr(ops, "uses_triton", lambda t: False)
-    return request.param
-
 
 @pytest.fixture
 def op_calls(monkeypatch):
