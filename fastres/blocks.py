@@ -102,7 +102,32 @@ def fused_last_conv(x, identity, conv, bn, downsample, train=False):
     return run(x, conv, bn, True, residual=identity)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """A chain of (conv, bn) pairs with ReLU, the last one joined by the shortcut. Runs the
+    chain on the inference kernels (eval BN), the training kernels (batch-statistics BN), or
+    op by op as torchvision does (anything else)."""
+
+    def pairs(self):
+        raise NotImplementedError
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = self.pairs()
+        if all(can_fold(conv, bn) for conv, bn in pairs):
+            run, train = fused_conv_bn, False
+        elif training.runs_fused(x, *pairs):
+            run, train = training.conv_bn, True
+        else:
+            return self.reference_forward(x)
+        out = x
+        for conv, bn in pairs[:-1]:
+            out = run(out, conv, bn, True)
+        return fused_last_conv(out, x, *pairs[-1], self.downsample, train=train)
+
+
+class BasicBlock(_ResidualBlock):
     expansion: int = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
@@ -123,16 +148,10 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def fusable(self) -> bool:
-        return can_fold(self.conv1, self.bn1) and can_fold(self.conv2, self.bn2)
+    def pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fusable():
-            out = fused_conv_bn(x, self.conv1, self.bn1, True)
-            return fused_last_conv(out, x, self.conv2, self.bn2, self.downsample)
-        if training.runs_fused(x, (self.conv1, self.bn1), (self.conv2, self.bn2)):
-            out = training.conv_bn(x, self.conv1, self.bn1, True)
-            return fused_last_conv(out, x, self.conv2, self.bn2, self.downsample, train=True)
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -142,7 +161,7 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     expansion: int = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
@@ -162,20 +181,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def fusable(self) -> bool:
-        return (can_fold(self.conv1, self.bn1) and can_fold(self.conv2, self.bn2)
-                and can_fold(self.conv3, self.bn3))
+    def pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fusable():
-            out = fused_conv_bn(x, self.conv1, self.bn1, True)
-            out = fused_conv_bn(out, self.conv2, self.bn2, True)
-            return fused_last_conv(out, x, self.conv3, self.bn3, self.downsample)
-        if training.runs_fused(x, (self.conv1, self.bn1), (self.conv2, self.bn2),
-                               (self.conv3, self.bn3)):
-            out = training.conv_bn(x, self.conv1, self.bn1, True)
-            out = training.conv_bn(out, self.conv2, self.bn2, True)
-            return fused_last_conv(out, x, self.conv3, self.bn3, self.downsample, train=True)
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
