@@ -14,27 +14,53 @@ g*C_g + c] * w[(r*S + s)*C_g + c, k], with g = k // K_g. Given dy (N, P, Q, K):
 
 Both accumulate in fp32; dx is rounded once to x's dtype.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from .configs import ConvConfig, _pow2_at_least, interpreting, pick_config
+from .configs import SMALL_M, ConvConfig, _pow2_at_least, interpreting, pick_config
 from .conv import INT32_SAFE, _mma, tile_ids
 
 WGRAD_PROGRAMS = 2 * 132  # split-K target: two programs per H100/H200 SM
 
 
-def dgrad_config(m: int, c_per_group: int, k_per_group: int) -> ConvConfig:
-    """dgrad tiles: M = input pixels, N = input channels, K chunks of output channels.
-    K chunks of at most 32 and 8 warps from 128x64 tiles up: every such config compiles for
-    sm_90a to HGMMA without spilling (cuobjdump -res-usage), unlike the forward's."""
+def dgrad_config(m: int, c_per_group: int, k_per_group: int,
+                 elem_bytes: int = 4) -> ConvConfig:
+    """dgrad tiles: M = input pixels, N = input channels, K chunks of output channels of
+    ``elem_bytes`` each."""
     if interpreting():
         return pick_config(m, c_per_group, k_per_group)
+    return _dgrad_gpu_config(m, c_per_group, k_per_group, elem_bytes)
+
+
+def _dgrad_gpu_config(m: int, c_per_group: int, k_per_group: int,
+                      elem_bytes: int) -> ConvConfig:
+    """K chunks of at most 128 bytes (64 bf16/fp16, 32 fp32: one swizzled shared-memory row),
+    BLOCK_N up to 128, 8 warps from 128x64 tiles up, 3 stages (at most 96 KiB): every such
+    config compiles for sm_90a to HGMMA without spilling in bf16, fp16 and tf32, int64
+    indexing included (``python -m fastres.aot``)."""
     bn = _pow2_at_least(c_per_group, 16, 128)
-    bk = _pow2_at_least(k_per_group, 16, 32)
-    bm = 128 if m >= 128 * 64 and bn >= 64 else 64
+    bk = _pow2_at_least(k_per_group, 16, 128 // elem_bytes)
+    bm = 128 if m >= SMALL_M and bn >= 64 else 64
     return ConvConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 8192 else 4,
                       num_stages=3)
+
+
+def all_dgrad_configs(elem_bytes: Optional[int] = None) -> list:
+    """Every config ``dgrad_config`` can return on a GPU for a dtype of ``elem_bytes`` bytes
+    (both sizes when None): the set the ahead-of-time check (``python -m fastres.aot``)
+    compiles."""
+    out = []
+    for e in ((2, 4) if elem_bytes is None else (elem_bytes,)):
+        for m in (1, SMALL_M):
+            for c in (16, 32, 64, 128, 256):
+                for k in (16, 32, 64, 128):
+                    cfg = _dgrad_gpu_config(m, c, k, e)
+                    if cfg not in out:
+                        out.append(cfg)
+    return out
 
 
 def wgrad_blocks(m: int, c_per_group: int, k_per_group: int) -> dict:
@@ -44,9 +70,25 @@ def wgrad_blocks(m: int, c_per_group: int, k_per_group: int) -> dict:
         return dict(BLOCK_C=_pow2_at_least(c_per_group, 16, 64),
                     BLOCK_N=_pow2_at_least(k_per_group, 16, 64),
                     BLOCK_M=_pow2_at_least(m, 16, 128), num_warps=1, num_stages=1)
+    return _wgrad_gpu_blocks(c_per_group, k_per_group)
+
+
+def _wgrad_gpu_blocks(c_per_group: int, k_per_group: int) -> dict:
     return dict(BLOCK_C=_pow2_at_least(c_per_group, 16, 64),
                 BLOCK_N=_pow2_at_least(k_per_group, 16, 128), BLOCK_M=32, num_warps=4,
                 num_stages=3)
+
+
+def all_wgrad_blocks() -> list:
+    """Every tile ``wgrad_blocks`` can return on a GPU: the set the ahead-of-time check
+    compiles."""
+    out = []
+    for c in (16, 32, 64, 128):
+        for k in (16, 32, 64, 128, 256):
+            blocks = _wgrad_gpu_blocks(c, k)
+            if blocks not in out:
+                out.append(blocks)
+    return out
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -172,7 +214,7 @@ def conv_dgrad(dy, w, x_shape, *, kernel_size, stride, padding, dilation, groups
     if m == 0 or c == 0:
         return dx
     c_g, k_g = c // groups, k // groups
-    cfg = dgrad_config(m, c_g, k_g)
+    cfg = dgrad_config(m, c_g, k_g, dy.element_size())
     grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(c_g, cfg.BLOCK_N), groups)
     conv_dgrad_kernel[grid](
         dy, w, dx, h, wd, c, p, q, m, k, c_g, k_g,

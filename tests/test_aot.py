@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fastres import aot
-from fastres.kernels import configs
+from fastres.kernels import configs, conv_bwd
 
 ROW = re.compile(r"^(\w+_kernel)\s+(.*?)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+(.*)$")
 # ResNet-50 convs at batch 1 and 256 as (M, N, C, taps) and the stem; ResNeXt's 4-channel groups.
@@ -100,6 +100,33 @@ def test_gpu_configs_come_from_the_compiled_set(gpu_configs, elem_bytes):
         assert cfg.num_stages * stage <= configs.SMEM_BUDGET
         for cand in configs.tune_candidates(m, n, c, elem_bytes):
             assert cand in closed
+
+
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+def test_gpu_backward_tiles_come_from_the_compiled_sets(gpu_configs, elem_bytes):
+    dgrad, wgrad = conv_bwd.all_dgrad_configs(elem_bytes), conv_bwd.all_wgrad_blocks()
+    for m, k, c, _ in RESNET_GEMMS:  # dgrad's N is the forward's input channels c
+        cfg = conv_bwd.dgrad_config(m, c, k, elem_bytes)
+        assert cfg in dgrad, (m, c, k, cfg)
+        assert cfg.BLOCK_K * elem_bytes <= 128 and min(cfg.BLOCK_M, cfg.BLOCK_N) >= 16
+        assert conv_bwd.wgrad_blocks(m, c, k) in wgrad, (m, c, k)
+    assert max(cfg.BLOCK_K for cfg in dgrad) == 128 // elem_bytes  # 128-byte K rows
+
+
+def test_aot_compiles_exactly_the_backward_tiles():
+    dgrad = {}
+    for v in aot.conv_dgrad_variants(quick=False):
+        dgrad.setdefault(v.args["dy_ptr"][1:], set()).add(configs.ConvConfig(
+            v.constexprs["BLOCK_M"], v.constexprs["BLOCK_N"], v.constexprs["BLOCK_K"],
+            v.constexprs["GROUP_M"], v.num_warps, v.num_stages))
+    assert set(dgrad) == {"bf16", "fp16", "fp32"}
+    for dt, cfgs in dgrad.items():
+        assert cfgs == set(conv_bwd.all_dgrad_configs(aot.ELEM_BYTES[dt])), dt
+    wgrad = {tuple(sorted(dict(BLOCK_C=v.constexprs["BLOCK_C"], BLOCK_N=v.constexprs["BLOCK_N"],
+                               BLOCK_M=v.constexprs["BLOCK_M"], num_warps=v.num_warps,
+                               num_stages=v.num_stages).items()))
+             for v in aot.conv_wgrad_variants(quick=False)}
+    assert wgrad == {tuple(sorted(b.items())) for b in conv_bwd.all_wgrad_blocks()}
 
 
 def test_bucket_never_keys_on_the_exact_batch_size():
