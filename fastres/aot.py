@@ -101,7 +101,8 @@ CONV_EPILOGUES = {
 # (R = S, stride, C, epilogue): the cases of ResNets. 1x1 stride 1 takes the GEMM path; 7x7 is
 # the stem (C = 3), compiled with the configs of BLOCK_K = 16, the only ones it gets.
 CONV_CASES = ((3, 1, 64, "bias+shortcut+relu"), (1, 1, 256, "bias+res+relu"),
-              (3, 1, 64, "stats"), (3, 2, 64, "int64 bias+res+relu"), (7, 2, 3, "bias+relu"))
+              (3, 1, 64, "stats"), (3, 2, 64, "int64 bias+res+relu"), (7, 2, 3, "bias+relu"),
+              (3, 1, 4, "bias+relu"))  # the last two pack taps: the stem, ResNeXt's 4 a group
 QUICK_CASES = 2
 
 
@@ -128,12 +129,15 @@ def _configs_for(dt, quick):
 
 
 def conv_fused_variants(quick):
+    from fastres.kernels.configs import _pow2_at_least
+    from fastres.kernels.conv import packs_taps
     cases = CONV_CASES[:QUICK_CASES] if quick else CONV_CASES
     for (dt, prec, tc), (r, stride, c, epi) in itertools.product(_dtypes(quick), cases):
         k = 256
+        pack = packs_taps(c, r)
         for cfg in _configs_for(dt, quick):
-            if r == 7 and cfg.BLOCK_K != 16:
-                continue
+            if pack and cfg.BLOCK_K != _pow2_at_least(r * c, 16, 128):
+                continue  # a packed row of r*c (s, c) pairs takes the smallest K chunk >= it
             bias, res, sc, relu, stats, int64 = CONV_EPILOGUES[epi]
             ints = _conv_ints(r, stride, c, k)
             args = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr="*fp32", res_ptr=f"*{dt}",
@@ -146,40 +150,56 @@ def conv_fused_variants(quick):
             constexprs = dict(R=r, S=r, HAS_BIAS=bool(bias), HAS_RES=bool(res),
                               HAS_SHORTCUT=bool(sc), RELU=bool(relu), INT64=bool(int64),
                               UPCAST=False, PRECISION=prec, WITH_STATS=bool(stats),
-                              GEMM=gemm, **_blocks(cfg))
+                              GEMM=gemm, PACK=pack, **_blocks(cfg))
             yield Variant("conv_fused_kernel",
-                          f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''} {epi} "
+                          f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''}{' pack' if pack else ''} "
+                          f"{epi} "
                           f"{_cfg_label(cfg)}", args, constexprs, cfg.num_warps,
                           cfg.num_stages, tc)
 
 
 def conv_dgrad_variants(quick):
+    """``conv_bwd.all_dgrad_configs`` of each dtype's size, the largest also with int64
+    indexing. --quick: the largest, int32 indexing."""
+    from fastres.kernels.conv_bwd import all_dgrad_configs
+    r = 3  # R and S only bound loops: the 3x3 code stands for the others
+    ints = _conv_ints(r, 1, 64, 64)
     for dt, prec, tc in _dtypes(quick):
-        r = 3  # R and S only bound loops: the 3x3 code stands for the others
-        ints = _conv_ints(r, 1, 64, 64)
-        for cfg in _configs_for(dt, quick)[-1:] if quick else _configs_for(dt, quick):
-            constexprs = dict(R=r, S=r, INT64=False, UPCAST=False, PRECISION=prec,
+        cfgs = all_dgrad_configs(ELEM_BYTES[dt])
+        largest = max(cfgs, key=lambda c: (c.BLOCK_M * c.BLOCK_N * c.BLOCK_K, c.num_warps))
+        cases = [(False, largest)] if quick else \
+            [(False, c) for c in cfgs] + [(True, largest)]
+        for int64, cfg in cases:
+            constexprs = dict(R=r, S=r, INT64=int64, UPCAST=False, PRECISION=prec,
                               **_blocks(cfg))
             yield Variant("conv_dgrad_kernel", f"{_dtype_label(dt, prec)} {r}x{r} "
-                          f"{_cfg_label(cfg)}", dict(dy_ptr=f"*{dt}", w_ptr=f"*{dt}",
-                                                     dx_ptr=f"*{dt}", **ints),
+                          f"{'int64 ' if int64 else ''}{_cfg_label(cfg)}",
+                          dict(dy_ptr=f"*{dt}", w_ptr=f"*{dt}", dx_ptr=f"*{dt}", **ints),
                           constexprs, cfg.num_warps, cfg.num_stages, tc)
 
 
 def conv_wgrad_variants(quick):
-    from fastres.kernels.conv_bwd import wgrad_blocks
-    shapes = ((64, 64),) if quick else ((16, 16), (32, 64), (256, 256))
-    for (dt, prec, tc), s in itertools.product(_dtypes(quick), (3,) if quick else (1, 3, 7)):
-        for c, k in shapes:
-            blocks = wgrad_blocks(1 << 20, c, k)  # the host launcher's tiles on a GPU
-            warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
-            ints = _conv_ints(s, 1, c, k)
-            constexprs = dict(S=s, INT64=False, UPCAST=False, PRECISION=prec, **blocks)
-            yield Variant("conv_wgrad_kernel", f"{_dtype_label(dt, prec)} S{s} " + " ".join(
-                f"{n[6:]}{v}" for n, v in blocks.items()) + f" w{warps} s{stages}",
-                dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", M_PER_SPLIT=ints["M"] // 8,
-                     RSC=s * s * c, **ints), constexprs, warps, stages, tc,
-                wgmma=False)  # conv_bwd.wgrad_blocks' tiles: BLOCK_C < 64 takes mma.sync
+    """``conv_bwd.all_wgrad_blocks()`` per dtype with S = 3; the largest tile also with S = 1
+    and 7 (S only enters the tap index arithmetic) and with int64 indexing. --quick: the
+    largest tile, S = 3, int32 indexing."""
+    from fastres.kernels.conv_bwd import all_wgrad_blocks
+    tiles = all_wgrad_blocks()
+    largest = max(tiles, key=lambda b: b["BLOCK_C"] * b["BLOCK_N"] * b["BLOCK_M"])
+    cases = [(3, False, largest)] if quick else \
+        [(3, False, b) for b in tiles] + [(1, False, largest), (7, False, largest),
+                                          (3, True, largest)]
+    for (dt, prec, tc), (s, int64, tile) in itertools.product(_dtypes(quick), cases):
+        blocks = dict(tile)
+        warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
+        ints = _conv_ints(s, 1, blocks["BLOCK_C"], blocks["BLOCK_N"])
+        constexprs = dict(S=s, INT64=int64, UPCAST=False, PRECISION=prec, **blocks)
+        tile_label = " ".join(f"{n[6:]}{v}" for n, v in blocks.items())
+        yield Variant(
+            "conv_wgrad_kernel", f"{_dtype_label(dt, prec)} S{s} {'int64 ' if int64 else ''}"
+            f"{tile_label} w{warps} s{stages}",
+            dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", M_PER_SPLIT=ints["M"] // 8,
+                 RSC=s * s * blocks["BLOCK_C"], **ints), constexprs, warps, stages, tc,
+            wgmma=False)  # conv_bwd.wgrad_blocks' tiles: BLOCK_C < 64 takes mma.sync
 
 
 # Elementwise / reduction kernels without a dot: every flag on, every flag off, per dtype.

@@ -16,6 +16,8 @@ BatchNorm into w2 and bias, so the shortcut is a second GEMM into the same accum
 output never reaches memory. ``rstep``/``roff`` express the CIFAR option-A shortcut (strided
 identity, zero-padded channels) as a load pattern. ``GEMM`` (1x1, stride 1, no padding) is the
 plain-GEMM path: x is read as an (M, C) matrix, no per-tap index arithmetic or bounds masks.
+``PACK`` (fewer than 16 channels a group) reduces over the (s, c) pairs of each kernel row as
+one K axis: the 7x7 stem's K per row is 21 (one 32-wide chunk) instead of 7 chunks of 16.
 """
 import torch
 import triton
@@ -56,7 +58,7 @@ def conv_fused_kernel(
     R: tl.constexpr, S: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
     RELU: tl.constexpr, INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    WITH_STATS: tl.constexpr, GEMM: tl.constexpr,
+    WITH_STATS: tl.constexpr, GEMM: tl.constexpr, PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Which tile am I: grouped ordering over (M tiles, N tiles) of one conv group.
@@ -76,27 +78,43 @@ def conv_fused_kernel(
     p = (offs_m // Q) % P
     q = offs_m % Q
 
-    # Main conv: taps (r, s), then chunks of the group's input channels.
+    # Main conv: taps (r, s), then chunks of the group's input channels; with PACK, rows r,
+    # then chunks of the (s, c) pairs of a row (weight rows r*S*C_G + s*C_G + c).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in range(R):
         ih = p * stride_h - pad_h + r * dil_h
-        for s in range(S):
-            iw = q * stride_w - pad_w + s * dil_w
-            if GEMM:  # 1x1, stride 1, no padding: output pixel m reads input pixel m
-                pix_ok = mask_m
-                x_row = offs_m * C + g * C_G
-            else:
-                pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_row = ((img * H + ih) * W + iw) * C + g * C_G
-            w_row = (r * S + s) * C_G
-            for c0 in range(0, C_G, BLOCK_K):
-                cs = c0 + offs_k
-                c_ok = cs < C_G
-                a = tl.load(x_ptr + x_row[:, None] + cs[None, :],
-                            mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + (w_row + cs)[:, None] * K + chan[None, :],
-                            mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+        if PACK:  # few channels a group: one K axis over (s, c), so MMA lanes are not padding
+            row_ok = mask_m & (ih >= 0) & (ih < H)
+            x_row = (img * H + ih) * W
+            iw0 = q * stride_w - pad_w
+            for k0 in range(0, S * C_G, BLOCK_K):
+                ks = k0 + offs_k
+                k_ok = ks < S * C_G
+                iw = iw0[:, None] + (ks // C_G)[None, :] * dil_w
+                a = tl.load(x_ptr + (x_row[:, None] + iw) * C + g * C_G + (ks % C_G)[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :] & (iw >= 0) & (iw < W),
+                            other=0.0)
+                b = tl.load(w_ptr + (r * S * C_G + ks)[:, None] * K + chan[None, :],
+                            mask=k_ok[:, None] & mask_n[None, :], other=0.0)
                 acc = _mma(a, b, acc, UPCAST, PRECISION)
+        else:
+            for s in range(S):
+                iw = q * stride_w - pad_w + s * dil_w
+                if GEMM:  # 1x1, stride 1, no padding: output pixel m reads input pixel m
+                    pix_ok = mask_m
+                    x_row = offs_m * C + g * C_G
+                else:
+                    pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    x_row = ((img * H + ih) * W + iw) * C + g * C_G
+                w_row = (r * S + s) * C_G
+                for c0 in range(0, C_G, BLOCK_K):
+                    cs = c0 + offs_k
+                    c_ok = cs < C_G
+                    a = tl.load(x_ptr + x_row[:, None] + cs[None, :],
+                                mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(w_ptr + (w_row + cs)[:, None] * K + chan[None, :],
+                                mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+                    acc = _mma(a, b, acc, UPCAST, PRECISION)
 
     # Projection shortcut: a 1x1 strided conv of the block input into the same accumulator.
     if HAS_SHORTCUT:
@@ -135,6 +153,13 @@ def conv_fused_kernel(
         tl.store(part + 2 * num_pid_m * K, m2, mask=mask_n)
 
 
+def packs_taps(c_per_group: int, s: int) -> bool:
+    """Whether the kernel reduces over (s, c) pairs of a kernel row instead of tap by tap:
+    for fewer than 16 channels a group (the 7x7 stem's 3, ResNeXt's 4), where a channel chunk
+    of at least 16 (the tensor cores' K) would be mostly padding."""
+    return s > 1 and c_per_group < 16
+
+
 def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -163,9 +188,10 @@ def conv_fused(x, w, bias, *, kernel_size, stride, padding, dilation, groups, re
     if m == 0 or k == 0:
         return (y, y.new_zeros((3, 0, k), dtype=torch.float32)) if with_stats else y
     c_g, k_g = c // groups, k // groups
+    pack = packs_taps(c_g, s)
     cfg = config or pick_config(
-        m, k_g, max(c_g, shortcut.shape[1] if shortcut is not None else 0), x.element_size(),
-        r * s, launch=lambda cfg: conv_fused(  # autotune times this (FASTRES_AUTOTUNE=1)
+        m, k_g, max(s * c_g if pack else c_g, shortcut.shape[1] if shortcut is not None else 0),
+        x.element_size(), r if pack else r * s, launch=lambda cfg: conv_fused(  # autotune times this (FASTRES_AUTOTUNE=1)
             x, w, bias, kernel_size=kernel_size, stride=stride, padding=padding,
             dilation=dilation, groups=groups, relu=relu, residual=residual, res_step=res_step,
             res_off=res_off, shortcut=shortcut, shortcut_stride=shortcut_stride,
@@ -193,6 +219,6 @@ def conv_fused(x, w, bias, *, kernel_size, stride, padding, dilation, groups, re
         UPCAST=interpreting() and x.dtype == torch.bfloat16, PRECISION=precision,
         WITH_STATS=with_stats,
         GEMM=(r, s) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0),
-        **cfg.kwargs(),
+        PACK=pack, **cfg.kwargs(),
     )
     return (y, stats) if with_stats else y

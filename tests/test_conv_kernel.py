@@ -120,3 +120,18 @@ def test_any_weight_layout_reaches_the_right_answer(path):
                         stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=False)
     ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
     assert_close(y.cpu(), ref, torch.float32, "OHWI-view weights")
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("geom", [(3, 16, 7, 2, 3, 1, 1, 13, 11), (16, 16, 3, 1, 2, 2, 4, 7, 7)],
+                         ids=["stem", "dilated-groups-of-4"])
+def test_tap_packing_on_and_off(geom, pack, monkeypatch):
+    """Few channels a group reduce over (s, c) pairs (PACK); the tap-by-tap loop stays right."""
+    import fastres.kernels.conv as kconv
+    c, k, ksz, stride, pad, dil, groups, h, w = geom
+    assert kconv.packs_taps(c // groups, ksz)
+    monkeypatch.setattr(kconv, "packs_taps", lambda c_g, s: pack)
+    x, weight, bias = _inputs(c, k, ksz, groups, h, w, 2, torch.float32, seed=6)
+    y = _run(x, weight, bias, stride, pad, dil, groups, relu=False)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), stride, pad, dil, groups)
+    assert_close(y.cpu(), ref, torch.float32, f"pack={pack}")
