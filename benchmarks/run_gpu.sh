@@ -2,11 +2,14 @@
 # One shot on a GPU machine, under 8 minutes in all, everything into OUTDIR:
 #   1. record the GPU and the torch / Triton versions; install fastres (no index needed)
 #   2. correctness on CUDA: pytest tests (time-boxed)
-#   3. the benchmark subset that matters most: ResNet-50's distinct convs and blocks, bf16,
-#      batch 256, inference; eager channels_last vs torch.compile vs fastres first, then
-#      max-autotune rows while time is left; peaks measured in the same run
-# Outputs: run_gpu.log (everything), tests.xml, bench.json (pytest-benchmark),
-# results.json + table.md + plot.png (the harness; rebuild with python -m benchmarks.report).
+#   3. the benchmark subset that matters most, bf16, batch 256, peaks measured in each stage:
+#      a. inference: ResNet-50's distinct convs and blocks; eager channels_last, torch.compile,
+#         fastres (max-autotune rows last, while time is left)
+#      b. training step (fwd+bwd) of ResNet-50's blocks: eager channels_last vs fastres
+# Outputs: run_gpu.log (everything), tests.xml, and per stage (inference/, train/):
+# bench.json (pytest-benchmark), results.json + table.md + plot.png (the harness; rebuild with
+# python -m benchmarks.report). On the device tool, whose $OUT returns at most 8 files, run it
+# into a scratch folder and pack it: `bash benchmarks/run_gpu.sh /tmp/r; tar czf $OUT/r.tgz -C /tmp/r .`
 set -uo pipefail
 OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR}
 TOTAL_S=${FASTRES_GPU_BUDGET_S:-465}   # the whole script
@@ -35,16 +38,23 @@ timeout -s INT -k 10 "$TESTS_S" python -m pytest tests -q -p no:cacheprovider \
     --deselect tests/test_benchmarks_quick.py::test_report_rebuilds_table_and_plot
 echo "tests exit status: $? (124 or 130: time box reached)"
 
-BENCH_ARGS=(--benchmark-json "$OUT/bench.json" --benchmark-columns median,min,max,rounds
-            --benchmark-sort name)
-python -c "import pytest_benchmark" 2>/dev/null \
-    || { echo "pytest-benchmark is not installed: results.json and table.md only"; BENCH_ARGS=(); }
-left=$(( TOTAL_S - (SECONDS - start) ))
-echo "== benchmarks (${left}s left; rows starting after $(( left - 75 ))s are skipped)"
-timeout -s INT -k 15 $(( left - 10 )) python -m pytest benchmarks -q -p no:cacheprovider \
-    --units convs,blocks --dtypes bf16 --batches 256 --modes inference \
-    --providers eager_channels_last,compile,fastres,compile_max_autotune \
-    --bench-deadline $(( left - 75 )) --bench-out "$OUT" "${BENCH_ARGS[@]}"
-echo "benchmarks exit status: $?"
+bench() {  # bench STAGE SECONDS_FOR_THIS_STAGE harness-args...
+    local stage=$1 budget=$2; shift 2
+    local left=$(( TOTAL_S - (SECONDS - start) ))
+    (( budget > left )) && budget=$left
+    mkdir -p "$OUT/$stage"
+    local json=(--benchmark-json "$OUT/$stage/bench.json" --benchmark-columns median,min,max,rounds
+                --benchmark-sort name)
+    python -c "import pytest_benchmark" 2>/dev/null || json=()
+    echo "== benchmarks: $stage (${budget}s; rows starting after $(( budget - 60 ))s are skipped)"
+    timeout -s INT -k 15 $(( budget - 10 )) python -m pytest benchmarks -q -p no:cacheprovider \
+        --batches 256 --dtypes bf16 --bench-deadline $(( budget - 60 )) \
+        --bench-out "$OUT/$stage" "${json[@]}" "$@"
+    echo "benchmarks ($stage) exit status: $?"
+}
+TRAIN_S=110  # kept back for stage b
+bench inference $(( TOTAL_S - (SECONDS - start) - TRAIN_S )) --units convs,blocks \
+    --modes inference --providers eager_channels_last,compile,fastres,compile_max_autotune
+bench train "$TRAIN_S" --units blocks --modes train --providers eager_channels_last,fastres
 echo "== done in $(( SECONDS - start ))s; outputs in $OUT"
-ls -l "$OUT"
+ls -lR "$OUT"
