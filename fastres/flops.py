@@ -1,8 +1,9 @@
 """FLOPs and the minimal-bytes model of fastres' ops: the two axes of a roofline.
 
-FLOPs. ``torch.ops.fastres.conv_bn_act`` gets a formula for
-``torch.utils.flop_counter.FlopCounterMode`` (registered on import of ``fastres``), so a
-fastres model is charged the same work as the PyTorch reference, one MAC = 2 FLOPs:
+FLOPs. ``torch.ops.fastres.conv_bn_act`` and the training ops ``conv_train``, ``conv_dgrad``
+and ``conv_wgrad`` get formulas for ``torch.utils.flop_counter.FlopCounterMode`` (registered
+on import of ``fastres``), so a fastres model, forward and backward, is charged the same work
+as the PyTorch reference, one MAC = 2 FLOPs:
 
     flops = 2 * N*P*Q * K * (R*S*C/groups)          the conv, w is (R*S*C/groups, K)
           + 2 * N*P*Q * K * C2                      the projection shortcut, if any
@@ -25,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import register_flop_formula
 
-from fastres import ops  # noqa: F401  (registers torch.ops.fastres.conv_bn_act)
+from fastres import ops, train_ops  # noqa: F401  (register torch.ops.fastres.*)
 
 TRAIN_BYTES_FACTOR = 3
 # Ops that only change layout, strides or dtype: not part of the minimal model.
@@ -47,6 +48,21 @@ def conv_flops(x_shape, w_shape, out_shape, shortcut_w_shape=None) -> int:
 def _conv_bn_act_flops(x_shape, w_shape, bias_shape, residual_shape, shortcut_shape,
                        shortcut_w_shape, *args, out_shape=None, **kwargs) -> int:
     return conv_flops(x_shape, w_shape, out_shape, shortcut_w_shape)
+
+
+@register_flop_formula(torch.ops.fastres.conv_train)
+def _conv_train_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flops(x_shape, w_shape, out_shape[0])
+
+
+@register_flop_formula(torch.ops.fastres.conv_dgrad)
+def _conv_dgrad_flops(dy_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flops(out_shape, w_shape, dy_shape)  # the forward's MACs, transposed
+
+
+@register_flop_formula(torch.ops.fastres.conv_wgrad)
+def _conv_wgrad_flops(x_shape, dy_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flops(x_shape, out_shape, dy_shape)  # dw is (R*S*C/groups, K)
 
 
 def tensor_bytes(t) -> int:

@@ -106,3 +106,21 @@ def test_minimal_bytes_of_a_fused_conv():
     expected = 4 * (x.numel() + 8 * 9 * 16 + 16 + 2 * 16 * 10 * 10)
     assert flops.minimal_bytes(conv, x) == expected
     assert flops.roofline_floor(1e12, 1e9, 1e12, 1e12) == 1.0
+
+
+def test_flop_counter_charges_a_fastres_training_step_like_torchvision():
+    """conv_train, conv_dgrad and conv_wgrad carry FLOP formulas: a fused training step
+    (forward + backward) is charged exactly the reference block's FLOPs."""
+    tv = torchvision.models.resnet
+    torch.manual_seed(0)
+    down = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, 2, bias=False), torch.nn.BatchNorm2d(32))
+    ref = tv.BasicBlock(16, 32, 2, down).train()
+    ours = fastres.BasicBlock(16, 32, 2, copy.deepcopy(down)).train()
+    ours.load_state_dict(ref.state_dict())
+    counts = []
+    for block in (ref, ours):
+        x = torch.randn(2, 16, 8, 8, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            block(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] > 0 and counts[1] == counts[0]
