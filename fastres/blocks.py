@@ -120,6 +120,7 @@ class _ResidualBlock(nn.Module):
         elif training.runs_fused(x, *pairs):
             run, train = training.conv_bn, True
         else:
+            training.check_sync_runs(*pairs)
             return self.reference_forward(x)
         out = x
         for conv, bn in pairs[:-1]:
@@ -247,6 +248,7 @@ class ConvBNAct(nn.Conv2d):
             return fused_conv_bn(x, self, self.bn, self.relu)
         if training.runs_fused(x, (self, self.bn)):
             return training.conv_bn(x, self, self.bn, self.relu)
+        training.check_sync_runs((self, self.bn))
         y = self._conv_forward(x, self.weight, self.bias)
         y = self.bn.normalize(y) if isinstance(self.bn, FoldedBatchNorm2d) else self.bn(y)
         return F.relu(y) if self.relu else y

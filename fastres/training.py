@@ -48,6 +48,17 @@ def runs_fused(x: torch.Tensor, *pairs) -> bool:
             and all(trainable_pair(conv, bn) for conv, bn in pairs))
 
 
+def check_sync_runs(*pairs) -> None:
+    """Synchronized BN exists only on the training kernels: refuse the op-by-op path for a
+    batch-statistics BN that ``sync_batchnorm`` marked, instead of silently not syncing."""
+    for _, bn in pairs:
+        if getattr(bn, SYNC_ATTR, None) is not None and uses_batch_stats(bn):
+            raise NotImplementedError(
+                "fastres: synchronized BatchNorm runs on the Triton kernels only (CUDA tensors, "
+                "or CPU tensors with TRITON_INTERPRET=1); this forward would take the plain "
+                "PyTorch path and not synchronize")
+
+
 def _batch_stats(merged: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     """(mean, invstd, count) of the batch (over all ranks for synchronized BN); updates the
     running statistics as nn.BatchNorm2d does."""

@@ -11,7 +11,7 @@ import torchvision.models.resnet as tv
 
 import fastres
 from fastres.blocks import conv1x1
-from helpers import REL_TOL, rel_err
+from helpers import DEVICE, REL_TOL, rel_err
 
 WORLD = 2
 TOL = REL_TOL[torch.float32]
@@ -68,6 +68,17 @@ def _worker(rank: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+def test_sync_batchnorm_refuses_the_unsynchronized_path(monkeypatch):
+    _, ours = _models()
+    fastres.sync_batchnorm(ours, process_group=object())
+    monkeypatch.setattr(fastres.ops, "uses_triton", lambda t: False)
+    with pytest.raises(NotImplementedError, match="synchronized BatchNorm"):
+        ours(torch.randn(2, 8, 7, 7))
+    ours.eval()(torch.randn(2, 8, 7, 7))  # running statistics: nothing to synchronize
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.skipif(DEVICE != "cpu", reason="2 gloo processes run the kernels through the "
+                    "interpreter on CPU tensors; on a GPU machine CPU tensors take the plain path")
 def test_sync_batchnorm_ddp_matches_one_process_on_the_whole_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
