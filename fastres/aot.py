@@ -97,12 +97,13 @@ CONV_EPILOGUES = {
     "bias+shortcut+relu": (1, 0, 1, 1, 0, 0),
     "stats": (0, 0, 0, 0, 1, 0),
     "int64 bias+res+relu": (1, 1, 0, 1, 0, 1),
+    "split-K bias+shortcut+relu": (1, 0, 1, 1, 0, 0),  # SPLIT=4: partial sums, no epilogue
 }
 # (R = S, stride, C, epilogue): the cases of ResNets. 1x1 stride 1 takes the GEMM path; 7x7 is
 # the stem (C = 3), compiled with the configs of BLOCK_K = 16, the only ones it gets.
 CONV_CASES = ((3, 1, 64, "bias+shortcut+relu"), (1, 1, 256, "bias+res+relu"),
               (3, 1, 64, "stats"), (3, 2, 64, "int64 bias+res+relu"), (7, 2, 3, "bias+relu"),
-              (3, 1, 4, "bias+relu"))  # the last two pack taps: the stem, ResNeXt's 4 a group
+              (3, 1, 4, "bias+relu"), (3, 1, 64, "split-K bias+shortcut+relu"))  # the last two pack taps: the stem, ResNeXt's 4 a group
 QUICK_CASES = 2
 
 
@@ -142,19 +143,21 @@ def conv_fused_variants(quick):
             ints = _conv_ints(r, stride, c, k)
             args = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr="*fp32", res_ptr=f"*{dt}",
                         x2_ptr=f"*{dt}", w2_ptr=f"*{dt}", y_ptr=f"*{dt}", stats_ptr="*fp32",
+                        part_ptr="*fp32",
                         RH=ints["P"] if res else 0, RW=ints["Q"] if res else 0,
                         RC=k if res else 0, res_step=1, res_off=0,
                         H2=2 * ints["P"] if sc else 0, W2=2 * ints["Q"] if sc else 0,
                         C2=k // 2 if sc else 0, stride2=2, **ints)
             gemm = r == 1 and stride == 1
+            split = 4 if epi.startswith("split-K") else 1
             constexprs = dict(R=r, S=r, HAS_BIAS=bool(bias), HAS_RES=bool(res),
                               HAS_SHORTCUT=bool(sc), RELU=bool(relu), INT64=bool(int64),
                               UPCAST=False, PRECISION=prec, WITH_STATS=bool(stats),
-                              GEMM=gemm, PACK=pack, **_blocks(cfg))
+                              GEMM=gemm, PACK=pack, SPLIT=split, **_blocks(cfg))
             yield Variant("conv_fused_kernel",
-                          f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''}{' pack' if pack else ''} "
-                          f"{epi} "
-                          f"{_cfg_label(cfg)}", args, constexprs, cfg.num_warps,
+                          f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''}"
+                          f"{' pack' if pack else ''} {epi} {_cfg_label(cfg)}",
+                          args, constexprs, cfg.num_warps,
                           cfg.num_stages, tc)
 
 
@@ -204,7 +207,8 @@ def conv_wgrad_variants(quick):
 
 # Elementwise / reduction kernels without a dot: every flag on, every flag off, per dtype.
 # fp32 pointers are named here; every other pointer has the activation dtype; block sizes are
-# the module's constants of the same name (BLOCK_M, ...) unless given in "consts".
+# the module's constants of the same name (any constexpr with BLOCK in its name: BLOCK_M,
+# SPLITK_BLOCK_M, ...) unless given in "consts".
 _ELEMENTWISE = {
     "bn_merge_kernel": dict(fp32=("part_ptr", "out_ptr", "stats_ptr", "rmean_ptr", "rvar_ptr"),
                             ptrs=dict(nbt_ptr="*i64"), floats=("momentum", "eps")),
@@ -214,6 +218,7 @@ _ELEMENTWISE = {
     "column_sum_kernel": dict(fp32=("part_ptr", "stats_ptr", "stats2_ptr", "out_ptr")),
     "bn_bwd_dx_kernel": dict(fp32=("stats_ptr", "w_ptr", "stats2_ptr", "w2_ptr", "sums_ptr")),
     "sum_splits_kernel": dict(fp32=("part_ptr", "out_ptr"), consts=dict(BLOCK=1024)),
+    "splitk_epilogue_kernel": dict(fp32=("part_ptr", "bias_ptr"), consts=dict(SPLIT=4)),
 }
 
 
@@ -222,9 +227,9 @@ def _elementwise_variants(name):
         spec = _ELEMENTWISE[name]
         fn, module = _kernel(name)
         consts = spec.get("consts", {})
-        flags = [p for p in _constexpr_names(fn) if not p.startswith("BLOCK") and p not in consts]
+        flags = [p for p in _constexpr_names(fn) if "BLOCK" not in p and p not in consts]
         blocks = dict({p: getattr(module, p) for p in _constexpr_names(fn)
-                       if p.startswith("BLOCK_") and p not in consts}, **consts)
+                       if "BLOCK" in p and p not in consts}, **consts)
         dtypes = ("bf16",) if quick else ("bf16", "fp16", "fp32")
         for dt, on in itertools.product(dtypes, (True,) if quick else (True, False)):
             args = {}

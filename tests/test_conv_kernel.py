@@ -135,3 +135,42 @@ def test_tap_packing_on_and_off(geom, pack, monkeypatch):
     y = _run(x, weight, bias, stride, pad, dil, groups, relu=False)
     ref = F.conv2d(x.double(), weight.double(), bias.double(), stride, pad, dil, groups)
     assert_close(y.cpu(), ref, torch.float32, f"pack={pack}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_k_with_every_epilogue(split, dtype):
+    """Split-K (layer4 at small batch): partial sums in fp32, added in order by the epilogue
+    kernel with bias, projection shortcut, residual and ReLU; deterministic."""
+    from fastres.kernels.conv import conv_fused
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 40, 5, 5, generator=g).to(dtype)
+    block_in = torch.randn(2, 24, 9, 9, generator=g).to(dtype)
+    weight = (torch.randn(32, 40, 3, 3, generator=g) / 19).to(dtype)
+    w2 = (torch.randn(32, 24, 1, 1, generator=g) / 5).to(dtype)
+    bias = torch.randn(32, generator=g)
+    cl = torch.channels_last
+    kw = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
+              relu=True, shortcut=block_in.to(DEVICE).contiguous(memory_format=cl),
+              shortcut_stride=2, shortcut_w=w2.reshape(32, 24).t().contiguous().to(DEVICE),
+              split=split)
+    xs = x.to(DEVICE).contiguous(memory_format=cl)
+    y = conv_fused(xs, _kernel_layout(weight).to(DEVICE), bias.to(DEVICE), **kw)
+    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
+                 + F.conv2d(block_in.double(), w2.double(), stride=2))
+    assert_close(y.cpu(), ref, dtype, f"split {split}")
+    again = conv_fused(xs, _kernel_layout(weight).to(DEVICE), bias.to(DEVICE), **kw)
+    assert torch.equal(y, again)
+    res = torch.randn(2, 32, 5, 5, generator=g).to(dtype)
+    kw.update(shortcut=None, shortcut_w=None, residual=res.to(DEVICE).contiguous(memory_format=cl))
+    y = conv_fused(xs, _kernel_layout(weight).to(DEVICE), bias.to(DEVICE), **kw)
+    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 1, 1) + res.double())
+    assert_close(y.cpu(), ref, dtype, f"split {split} residual")
+
+
+def test_split_k_heuristic():
+    from fastres.kernels.conv import split_k
+    assert split_k(tiles=4, chunks_per_tap=8, taps=9, sms=132) == 8   # layer4 3x3, batch 1
+    assert split_k(tiles=4, chunks_per_tap=32, taps=1, sms=132) == 8  # layer4 1x1 2048->512
+    assert split_k(tiles=400, chunks_per_tap=8, taps=9, sms=132) == 1  # batch 256 fills the GPU
+    assert split_k(tiles=4, chunks_per_tap=1, taps=9, sms=132) == 1   # one chunk a tap
