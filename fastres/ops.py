@@ -111,6 +111,16 @@ def _check_weights(w: torch.Tensor, bias: Optional[torch.Tensor], kernel_size, g
                          f"{tuple(bias.shape)}")
 
 
+def check_residual(residual: torch.Tensor, out_shape, res_step: int, res_off: int) -> None:
+    """residual[:, :, ::res_step, ::res_step], shifted by res_off channels, must fit the conv
+    output (N, K, P, Q)."""
+    n, k, p, q = out_shape
+    r_n, r_c, r_h, r_w = residual.shape
+    if (r_n, -(-r_h // res_step), -(-r_w // res_step)) != (n, p, q) or r_c + res_off > k:
+        raise ValueError(f"fastres: residual of shape {tuple(residual.shape)} does not "
+                         f"match the conv output {tuple(out_shape)}")
+
+
 def check_input(x: torch.Tensor, in_channels: int, kernel_size, padding, dilation) -> None:
     """Raise a clear error for an input the fused conv cannot take."""
     if not isinstance(x, torch.Tensor):
@@ -146,10 +156,7 @@ def conv_bn_act(x, w, bias, *, kernel_size, stride, padding, dilation, groups, r
     x = x.contiguous(memory_format=CL)
     if residual is not None:
         _check_activation("residual", residual, x)
-        r_n, r_c, r_h, r_w = residual.shape
-        if (r_n, -(-r_h // res_step), -(-r_w // res_step)) != (n, p, q) or r_c + res_off > k:
-            raise ValueError(f"fastres: residual of shape {tuple(residual.shape)} does not "
-                             f"match the conv output {(n, k, p, q)}")
+        check_residual(residual, (n, k, p, q), res_step, res_off)
         residual = residual.contiguous(memory_format=CL)
     if (shortcut is None) != (shortcut_w is None):
         raise ValueError("fastres: a projection shortcut needs both its input and its weights")

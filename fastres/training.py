@@ -119,11 +119,7 @@ def conv_bn(x, conv, bn, relu, residual=None, res_step=1, res_off=0, projection=
         weight2, bias2 = pbn.weight, pbn.bias
     if residual is not None:
         residual = residual.to(x.dtype).contiguous(memory_format=ops.CL)
-        r_n, r_c, r_h, r_w = residual.shape
-        n, k, p, q = raw.shape
-        if (r_n, -(-r_h // res_step), -(-r_w // res_step)) != (n, p, q) or r_c + res_off > k:
-            raise ValueError(f"fastres: residual of shape {tuple(residual.shape)} does not "
-                             f"match the conv output {tuple(raw.shape)}")
+        ops.check_residual(residual, raw.shape, res_step, res_off)
     group = getattr(bn, SYNC_ATTR, None)
     return torch.ops.fastres.bn_act_train(
         raw, stats, bn.weight, bn.bias, residual, raw2, stats2, weight2, bias2, relu,
