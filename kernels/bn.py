@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .conv import load_residual
+
 BLOCK_M = 64
 BLOCK_C = 32
 BLOCK_T = 32
@@ -151,14 +153,8 @@ def bn_act_kernel(x_ptr, stats_ptr, w_ptr, b_ptr, x2_ptr, stats2_ptr, w2_ptr, b2
         y += _normalize(tl.load(x2_ptr + idx, mask=mask, other=0.0).to(tl.float32),
                         stats2_ptr, w2_ptr, b2_ptr, offs_c, mask_c, C, AFFINE2)
     if HAS_RES:
-        img = offs_m // (P * Q)
-        p = (offs_m // Q) % P
-        q = offs_m % Q
-        rc = offs_c - res_off
-        res_ok = mask_m[:, None] & (mask_c & (rc >= 0) & (rc < RC))[None, :]
-        res_row = ((img * RH + p * res_step) * RW + q * res_step) * RC
-        y += tl.load(res_ptr + res_row[:, None] + rc[None, :], mask=res_ok,
-                     other=0.0).to(tl.float32)
+        y += load_residual(res_ptr, offs_m // (P * Q), (offs_m // Q) % P, offs_m % Q, offs_c,
+                           mask_m, mask_c, RH, RW, RC, res_step, res_off)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)
     tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -165,6 +165,17 @@ def splitk_epilogue_kernel(part_ptr, bias_ptr, res_ptr, y_ptr, M, K, P, Q, RH, R
 
 
 @triton.jit
+def load_residual(res_ptr, img, p, q, chan, mask_m, mask_n, RH, RW, RC, res_step, res_off):
+    """fp32 residual tile for output pixels (img, p, q) and channels chan: the dense NHWC
+    residual res[img, p*res_step, q*res_step, chan - res_off], zero outside its RC channels
+    (identity: step 1, offset 0; CIFAR option A: step 2, zero-padded channels)."""
+    rc = chan - res_off
+    ok = mask_m[:, None] & (mask_n & (rc >= 0) & (rc < RC))[None, :]
+    row = ((img * RH + p * res_step) * RW + q * res_step) * RC
+    return tl.load(res_ptr + row[:, None] + rc[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _epilogue(acc, offs_m, chan, mask_m, mask_n, img, p, q, bias_ptr, res_ptr, y_ptr,
               stats_ptr, K, RH, RW, RC, res_step, res_off, pid_m, num_pid_m,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
@@ -173,11 +184,8 @@ def _epilogue(acc, offs_m, chan, mask_m, mask_n, img, p, q, bias_ptr, res_ptr, y
     if HAS_BIAS:
         acc += tl.load(bias_ptr + chan, mask=mask_n, other=0.0)[None, :]
     if HAS_RES:
-        rc = chan - res_off
-        res_ok = mask_m[:, None] & (mask_n & (rc >= 0) & (rc < RC))[None, :]
-        res_row = ((img * RH + p * res_step) * RW + q * res_step) * RC
-        acc += tl.load(res_ptr + res_row[:, None] + rc[None, :], mask=res_ok,
-                       other=0.0).to(tl.float32)
+        acc += load_residual(res_ptr, img, p, q, chan, mask_m, mask_n, RH, RW, RC, res_step,
+                             res_off)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as torch.relu
     y_mask = mask_m[:, None] & mask_n[None, :]
