@@ -27,8 +27,17 @@ nvidia-smi -L
 python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
 
 echo "== install"
+importable() { (cd "$OUT" && python -c "import fastres.kernels.conv, fastres; print('fastres from', fastres.__file__)"); }
+# fastres/kernels is a symlink to kernels/; a copy of the tree that dropped it gets it back.
+[ -e fastres/kernels/conv.py ] || { rm -rf fastres/kernels; ln -s ../kernels fastres/kernels; }
 pip install --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 \
-    || { echo "pip install failed:"; tail -20 "$OUT/pip.log"; }
+    || { echo "editable install failed:"; tail -20 "$OUT/pip.log"; }
+if ! importable; then  # fall back: a regular install, then the source tree on PYTHONPATH
+    echo "fastres not importable after the editable install; trying a regular install"
+    pip install --no-deps --no-build-isolation . >> "$OUT/pip.log" 2>&1 || tail -20 "$OUT/pip.log"
+    importable || { export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; echo "using PYTHONPATH=$PYTHONPATH"; }
+    importable || { echo "fastres cannot be imported: stopping before any GPU time is spent"; exit 1; }
+fi
 
 echo "== correctness on CUDA (at most ${TESTS_S}s)"
 timeout -s INT -k 10 "$TESTS_S" python -m pytest tests -q -p no:cacheprovider \
