@@ -50,18 +50,20 @@ def _csv(value: Optional[str]) -> Optional[Tuple[str, ...]]:
 
 @contextlib.contextmanager
 def cpu_paths():
-    """Time what a CPU user runs: without TRITON_INTERPRET (``fastres.ops`` reads it at call
-    time, so CPU tensors take the plain-PyTorch path even when another conftest of the same
-    session set it) and on one thread (figures a shared machine does not scramble; CPU
-    figures are never performance figures). Both are restored afterwards."""
-    saved, threads = os.environ.pop("TRITON_INTERPRET", None), torch.get_num_threads()
+    """Time what a CPU user runs: CPU tensors on the plain-PyTorch path, even when the Triton
+    interpreter is on in this process (another conftest of the same session set
+    TRITON_INTERPRET before triton was imported), and on one thread (figures a shared machine
+    does not scramble; CPU figures are never performance figures). Both are restored
+    afterwards."""
+    import fastres.ops
+    uses_triton, threads = fastres.ops.uses_triton, torch.get_num_threads()
+    fastres.ops.uses_triton = lambda t: t.is_cuda
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+        fastres.ops.uses_triton = uses_triton
 
 
 @dataclass(frozen=True)

@@ -89,21 +89,29 @@ def _conv_ints(r, stride, c, k):
                 dil_h=1, dil_w=1)
 
 
-# Epilogues of conv_fused_kernel: name -> (HAS_BIAS, HAS_RES, HAS_SHORTCUT, RELU, WITH_STATS,
-# INT64); plain "bias+relu" is a subset of the others.
+# Epilogues of conv_fused_kernel: name -> the flags it sets (the others are off). "bn" is the
+# main conv's BatchNorm with affine parameters, "shortcut" the projection conv + its BN.
 CONV_EPILOGUES = {
-    "bias+relu": (1, 0, 0, 1, 0, 0),
-    "bias+res+relu": (1, 1, 0, 1, 0, 0),
-    "bias+shortcut+relu": (1, 0, 1, 1, 0, 0),
-    "stats": (0, 0, 0, 0, 1, 0),
-    "int64 bias+res+relu": (1, 1, 0, 1, 0, 1),
-    "split-K bias+shortcut+relu": (1, 0, 1, 1, 0, 0),  # SPLIT=4: partial sums, no epilogue
+    "bn+relu": ("HAS_BN", "BN_AFFINE", "RELU"),
+    "bn+res+relu": ("HAS_BN", "BN_AFFINE", "HAS_RES", "RELU"),
+    "bn+shortcut+relu": ("HAS_BN", "BN_AFFINE", "HAS_SHORTCUT", "SC_AFFINE", "RELU"),
+    "stats": ("WITH_STATS",),
+    "int64 bn+res+relu": ("HAS_BN", "BN_AFFINE", "HAS_RES", "RELU", "INT64"),
+    "split-K bn+shortcut+relu": ("HAS_BN", "BN_AFFINE", "HAS_SHORTCUT", "SC_AFFINE", "RELU"),
+    "bias+bn(affine=False)+shortcut": ("HAS_BIAS", "HAS_BN", "HAS_SHORTCUT"),
 }
-# (R = S, stride, C, epilogue): the cases of ResNets. 1x1 stride 1 takes the GEMM path; 7x7 is
-# the stem (C = 3), compiled with the configs of BLOCK_K = 16, the only ones it gets.
-CONV_CASES = ((3, 1, 64, "bias+shortcut+relu"), (1, 1, 256, "bias+res+relu"),
-              (3, 1, 64, "stats"), (3, 2, 64, "int64 bias+res+relu"), (7, 2, 3, "bias+relu"),
-              (3, 1, 4, "bias+relu"), (3, 1, 64, "split-K bias+shortcut+relu"))  # the last two pack taps: the stem, ResNeXt's 4 a group
+EPILOGUE_FLAGS = ("HAS_BIAS", "HAS_BN", "BN_AFFINE", "HAS_SHORTCUT", "SC_AFFINE", "HAS_RES",
+                  "RELU", "WITH_STATS", "INT64")
+# (R = S, stride, C, epilogue): the cases of ResNets, each with every config. 1x1 stride 1
+# takes the GEMM path; the 7x7 stem (C = 3) and ResNeXt's 4 channels a group pack taps (with
+# the configs whose BLOCK_K is a packed row's chunk, the only ones they get). split-K: SPLIT=4,
+# partial sums (two sets with the shortcut), no epilogue.
+CONV_CASES = ((3, 1, 64, "bn+shortcut+relu"), (1, 1, 256, "bn+res+relu"),
+              (3, 1, 64, "stats"), (3, 2, 64, "int64 bn+res+relu"), (7, 2, 3, "bn+relu"),
+              (3, 1, 4, "bn+relu"), (3, 1, 64, "split-K bn+shortcut+relu"))
+# Epilogue-only differences, compiled with the largest tile of each dtype: (R = S, stride, C,
+# epilogue). The 1x1 GEMM with the shortcut is the Bottleneck's conv3 of a downsampling block.
+CONV_EXTRAS = ((3, 1, 64, "bias+bn(affine=False)+shortcut"), (1, 1, 256, "bn+shortcut+relu"))
 QUICK_CASES = 2
 
 
@@ -113,63 +121,86 @@ def _cfg_label(cfg):
 
 
 def _blocks(cfg):
-    return {k: v for k, v in cfg.kwargs().items() if k not in ("num_warps", "num_stages")}
+    return {k: v for k, v in cfg.kwargs.items() if k not in ("num_warps", "num_stages")}
 
 
 def _dtype_label(dt, prec):
     return dt + (f"/{prec}" if prec else "")
 
 
-def _configs_for(dt, quick):
-    from fastres.kernels.configs import all_configs
-    cfgs = all_configs(ELEM_BYTES[dt])
+def _tile_size(cfg):
+    return cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K, cfg.num_warps
+
+
+def _configs_for(dt, quick, r, c, epi):
+    """The configs ``pick_config`` can return for a case (with a shortcut:
+    ``all_configs(shortcut=True)``; packed taps: those whose BLOCK_K is the packed chunk)."""
+    from fastres.kernels.configs import _pow2_at_least, all_configs
+    from fastres.kernels.conv import packs_taps
+    cfgs = all_configs(ELEM_BYTES[dt], shortcut="HAS_SHORTCUT" in CONV_EPILOGUES[epi])
+    if packs_taps(c, r):  # a packed row of r*c (s, c) pairs takes the smallest K chunk >= it
+        cfgs = [cfg for cfg in cfgs if cfg.BLOCK_K == _pow2_at_least(r * c, 16, 128)]
     if quick:  # the smallest and the largest tile
-        key = lambda c: (c.BLOCK_M * c.BLOCK_N * c.BLOCK_K, c.num_warps)
-        cfgs = [min(cfgs, key=key), max(cfgs, key=key)]
+        cfgs = [min(cfgs, key=_tile_size), max(cfgs, key=_tile_size)]
     return cfgs
 
 
-def conv_fused_variants(quick):
-    from fastres.kernels.configs import _pow2_at_least
+def _conv_fused_variant(dt, prec, tc, r, stride, c, epi, bn_dt, cfg):
     from fastres.kernels.conv import packs_taps
+    k = 256
+    ints = _conv_ints(r, stride, c, k)
+    flags = {f: f in CONV_EPILOGUES[epi] for f in EPILOGUE_FLAGS}
+    res, sc = flags["HAS_RES"], flags["HAS_SHORTCUT"]
+    act, bnp = f"*{dt}", f"*{bn_dt}"
+    args = dict(x_ptr=act, w_ptr=act, y_ptr=act, bias_ptr=act, gamma_ptr=bnp, beta_ptr=bnp,
+                mean_ptr=bnp, var_ptr=bnp, eps=1e-5, x2_ptr=act, w2_ptr=act,
+                gamma2_ptr=bnp, beta2_ptr=bnp, mean2_ptr=bnp, var2_ptr=bnp, eps2=1e-5,
+                res_ptr=act, stats_ptr="*fp32", part_ptr="*fp32",
+                RH=ints["P"] if res else 0, RW=ints["Q"] if res else 0,
+                RC=k if res else 0, res_step=1, res_off=0,
+                H2=2 * ints["P"] if sc else 0, W2=2 * ints["Q"] if sc else 0,
+                C2=k // 2 if sc else 0, stride2=2, **ints)
+    gemm = r == 1 and stride == 1
+    pack = packs_taps(c, r)
+    split = 4 if epi.startswith("split-K") else 1
+    constexprs = dict(R=r, S=r, **flags, UPCAST=False, PRECISION=prec, GEMM=gemm, PACK=pack,
+                      SPLIT=split, **_blocks(cfg))
+    bn_label = f" bn-params {bn_dt}" if bn_dt != "fp32" else ""
+    return Variant("conv_fused_kernel",
+                   f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''}"
+                   f"{' pack' if pack else ''} {epi}{bn_label} {_cfg_label(cfg)}",
+                   args, constexprs, cfg.num_warps, cfg.num_stages, tc)
+
+
+def conv_fused_variants(quick):
+    """Every case of ``CONV_CASES`` with each of its configs and BN parameters in fp32; for
+    2-byte dtypes also the largest tile with BN parameters in the activation dtype (a model
+    cast as a whole: the two kinds of BN parameters launchers pass; split-K's partial sums
+    read none); ``CONV_EXTRAS`` with the largest tile."""
     cases = CONV_CASES[:QUICK_CASES] if quick else CONV_CASES
     for (dt, prec, tc), (r, stride, c, epi) in itertools.product(_dtypes(quick), cases):
-        k = 256
-        pack = packs_taps(c, r)
-        for cfg in _configs_for(dt, quick):
-            if pack and cfg.BLOCK_K != _pow2_at_least(r * c, 16, 128):
-                continue  # a packed row of r*c (s, c) pairs takes the smallest K chunk >= it
-            bias, res, sc, relu, stats, int64 = CONV_EPILOGUES[epi]
-            ints = _conv_ints(r, stride, c, k)
-            args = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr="*fp32", res_ptr=f"*{dt}",
-                        x2_ptr=f"*{dt}", w2_ptr=f"*{dt}", y_ptr=f"*{dt}", stats_ptr="*fp32",
-                        part_ptr="*fp32",
-                        RH=ints["P"] if res else 0, RW=ints["Q"] if res else 0,
-                        RC=k if res else 0, res_step=1, res_off=0,
-                        H2=2 * ints["P"] if sc else 0, W2=2 * ints["Q"] if sc else 0,
-                        C2=k // 2 if sc else 0, stride2=2, **ints)
-            gemm = r == 1 and stride == 1
-            split = 4 if epi.startswith("split-K") else 1
-            constexprs = dict(R=r, S=r, HAS_BIAS=bool(bias), HAS_RES=bool(res),
-                              HAS_SHORTCUT=bool(sc), RELU=bool(relu), INT64=bool(int64),
-                              UPCAST=False, PRECISION=prec, WITH_STATS=bool(stats),
-                              GEMM=gemm, PACK=pack, SPLIT=split, **_blocks(cfg))
-            yield Variant("conv_fused_kernel",
-                          f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''}"
-                          f"{' pack' if pack else ''} {epi} {_cfg_label(cfg)}",
-                          args, constexprs, cfg.num_warps,
-                          cfg.num_stages, tc)
+        cfgs = _configs_for(dt, quick, r, c, epi)
+        for cfg in cfgs:
+            yield _conv_fused_variant(dt, prec, tc, r, stride, c, epi, "fp32", cfg)
+        if dt != "fp32" and "HAS_BN" in CONV_EPILOGUES[epi] and "split-K" not in epi:
+            yield _conv_fused_variant(dt, prec, tc, r, stride, c, epi, dt,
+                                      max(cfgs, key=_tile_size))
+    if not quick:
+        for (dt, prec, tc), (r, stride, c, epi) in itertools.product(_dtypes(quick),
+                                                                     CONV_EXTRAS):
+            yield _conv_fused_variant(dt, prec, tc, r, stride, c, epi, "fp32",
+                                      max(_configs_for(dt, quick, r, c, epi), key=_tile_size))
 
 
 def conv_dgrad_variants(quick):
-    """``conv_bwd.all_dgrad_configs`` of each dtype's size, the largest also with int64
+    """``configs.all_dgrad_configs`` of each dtype's size, the largest also with int64
     indexing. --quick: the largest, int32 indexing."""
-    from fastres.kernels.conv_bwd import all_dgrad_configs
+    from fastres.kernels.configs import all_dgrad_configs
     r = 3  # R and S only bound loops: the 3x3 code stands for the others
     ints = _conv_ints(r, 1, 64, 64)
     for dt, prec, tc in _dtypes(quick):
         cfgs = all_dgrad_configs(ELEM_BYTES[dt])
-        largest = max(cfgs, key=lambda c: (c.BLOCK_M * c.BLOCK_N * c.BLOCK_K, c.num_warps))
+        largest = max(cfgs, key=_tile_size)
         cases = [(False, largest)] if quick else \
             [(False, c) for c in cfgs] + [(True, largest)]
         for int64, cfg in cases:
@@ -182,17 +213,17 @@ def conv_dgrad_variants(quick):
 
 
 def conv_wgrad_variants(quick):
-    """``conv_bwd.all_wgrad_blocks()`` per dtype with S = 3; the largest tile also with S = 1
+    """``configs.all_wgrad_blocks()`` per dtype with S = 3; the largest tile also with S = 1
     and 7 (S only enters the tap index arithmetic) and with int64 indexing. --quick: the
     largest tile, S = 3, int32 indexing."""
-    from fastres.kernels.conv_bwd import all_wgrad_blocks
+    from fastres.kernels.configs import all_wgrad_blocks
     tiles = all_wgrad_blocks()
-    largest = max(tiles, key=lambda b: b["BLOCK_C"] * b["BLOCK_N"] * b["BLOCK_M"])
+    largest = max(tiles, key=lambda b: b.BLOCK_C * b.BLOCK_N * b.BLOCK_M)
     cases = [(3, False, largest)] if quick else \
         [(3, False, b) for b in tiles] + [(1, False, largest), (7, False, largest),
                                           (3, True, largest)]
     for (dt, prec, tc), (s, int64, tile) in itertools.product(_dtypes(quick), cases):
-        blocks = dict(tile)
+        blocks = dict(tile.kwargs)
         warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
         ints = _conv_ints(s, 1, blocks["BLOCK_C"], blocks["BLOCK_N"])
         constexprs = dict(S=s, INT64=int64, UPCAST=False, PRECISION=prec, **blocks)
@@ -202,7 +233,7 @@ def conv_wgrad_variants(quick):
             f"{tile_label} w{warps} s{stages}",
             dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", M_PER_SPLIT=ints["M"] // 8,
                  RSC=s * s * blocks["BLOCK_C"], **ints), constexprs, warps, stages, tc,
-            wgmma=False)  # conv_bwd.wgrad_blocks' tiles: BLOCK_C < 64 takes mma.sync
+            wgmma=False)  # configs.wgrad_blocks' tiles: BLOCK_C < 64 takes mma.sync
 
 
 # Elementwise / reduction kernels without a dot: every flag on, every flag off, per dtype.
@@ -218,7 +249,10 @@ _ELEMENTWISE = {
     "column_sum_kernel": dict(fp32=("part_ptr", "stats_ptr", "stats2_ptr", "out_ptr")),
     "bn_bwd_dx_kernel": dict(fp32=("stats_ptr", "w_ptr", "stats2_ptr", "w2_ptr", "sums_ptr")),
     "sum_splits_kernel": dict(fp32=("part_ptr", "out_ptr"), consts=dict(BLOCK=1024)),
-    "splitk_epilogue_kernel": dict(fp32=("part_ptr", "bias_ptr"), consts=dict(SPLIT=4)),
+    "splitk_epilogue_kernel": dict(fp32=("part_ptr", "gamma_ptr", "beta_ptr", "mean_ptr",
+                                         "var_ptr", "gamma2_ptr", "beta2_ptr", "mean2_ptr",
+                                         "var2_ptr"),
+                                   floats=("eps", "eps2"), consts=dict(SPLIT=4)),
 }
 
 

@@ -1,11 +1,10 @@
 """Drop-in ResNet blocks: torchvision's constructors, attribute names and state_dict keys.
 
-In eval mode every conv of a block is one fused kernel launch (BN folded, ReLU, residual add
-or projection shortcut in the epilogue). In train mode (BatchNorm on batch statistics) each
-conv + BN runs on the training kernels (``fastres.training``: BN statistics from the conv
-epilogue, one BN-apply(+shortcut)(+ReLU) pass, Triton backward); where those kernels do not
-run (plain CPU, a BN that is not a BatchNorm2d) the blocks compute what torchvision's do,
-op by op.
+``FusedBlock`` is a mixin put in front of a block class (fastres' own below; torchvision's
+and timm's through ``fastres.convert``). At every call it reads the block's live submodules
+(``fastres.fused``): when they are what the kernels compute, each conv + BN (+ ReLU) is one
+launch (eval: BN in the conv's epilogue, the shortcut and final ReLU in the last conv's;
+train: the training kernels); otherwise the block class's own forward runs, op by op.
 """
 from typing import Callable, Optional
 
@@ -13,18 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastres import ops, training
-from fastres.fold import folded
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
-            dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
-                     groups=groups, bias=False, dilation=dilation)
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+from fastres import fused, training
 
 
 class PadShortcut(nn.Module):
@@ -44,91 +32,109 @@ class PadShortcut(nn.Module):
         return f"stride={self.stride}, pad={self.pad}"
 
 
-def can_fold(conv: nn.Module, bn: nn.Module) -> bool:
-    """conv+bn the fused kernel can run: zero-padded Conv2d, eval BatchNorm2d with stats."""
-    return (type(conv) in (nn.Conv2d, ConvBNAct) and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple) and isinstance(bn, nn.BatchNorm2d)
-            and bn.running_mean is not None and not bn.training)
+class FusedBlock:
+    """Runs a residual block fused when its live submodules allow, else the block class's
+    own forward. A subclass names its parts: ``CONVS`` the (conv, bn) attribute pairs in
+    order, ``ACTS`` the activation after each (the last one after the residual add),
+    ``OPTIONAL`` attributes that must be None or nn.Identity (timm's drop_block, aa, se,
+    drop_path)."""
 
+    CONVS = ()
+    ACTS = ()
+    OPTIONAL = ()
 
-def projection_of(downsample: Optional[nn.Module]):
-    """(conv, bn) if downsample is a 1x1 conv + BN the kernel can fuse as a second GEMM."""
-    if not isinstance(downsample, nn.Sequential) or len(downsample) != 2:
-        return None
-    conv, bn = downsample
-    if not can_fold(conv, bn) or type(conv) is not nn.Conv2d:
-        return None
-    square = conv.stride[0] == conv.stride[1]
-    if conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.groups != 1 or not square:
-        return None
-    return conv, bn
-
-
-def autocasting(device_type: str) -> bool:
-    """Whether autocast is on for this device type (False for types without autocast: meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def fused_conv_bn(x, conv, bn, relu, residual=None, res_step=1, res_off=0, projection=None,
-                  shortcut=None):
-    """relu?(bn(conv(x)) + residual + projection_bn(projection_conv(shortcut))) in one launch."""
-    ops.check_input(x, conv.in_channels, conv.kernel_size, conv.padding, conv.dilation)
-    if x.dtype == torch.float32 and autocasting(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    w, b, w2 = folded(conv, bn, x.dtype, projection, ops.uses_triton(x))
-    if residual is not None:
-        residual = residual.to(x.dtype)
-    if shortcut is not None:
-        shortcut = shortcut.to(x.dtype)
-    return ops.conv_bn_act(
-        x, w, b, kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, relu=relu, residual=residual,
-        res_step=res_step, res_off=res_off, shortcut=shortcut, shortcut_w=w2,
-        shortcut_stride=projection[0].stride[0] if projection is not None else 1)
-
-
-def fused_last_conv(x, identity, conv, bn, downsample, train=False):
-    """The block's last conv with its shortcut (projection, option A, identity or any other
-    module) and the final ReLU fused into one launch (``train``: on the training kernels)."""
-    run = training.conv_bn if train else fused_conv_bn
-    projection = (training.projection_of if train else projection_of)(downsample)
-    if projection is not None:
-        return run(x, conv, bn, True, projection=projection, shortcut=identity)
-    if isinstance(downsample, PadShortcut):
-        return run(x, conv, bn, True, residual=identity, res_step=downsample.stride,
-                   res_off=downsample.pad)
-    if downsample is not None:
-        identity = downsample(identity)
-    return run(x, conv, bn, True, residual=identity)
-
-
-class _ResidualBlock(nn.Module):
-    """A chain of (conv, bn) pairs with ReLU, the last one joined by the shortcut. Runs the
-    chain on the inference kernels (eval BN), the training kernels (batch-statistics BN), or
-    op by op as torchvision does (anything else)."""
-
-    def pairs(self):
-        raise NotImplementedError
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pairs = self.pairs()
-        if all(can_fold(conv, bn) for conv, bn in pairs):
-            run, train = fused_conv_bn, False
-        elif training.runs_fused(x, *pairs):
-            run, train = training.conv_bn, True
-        else:
-            training.check_sync_runs(*pairs)
-            return self.reference_forward(x)
+    def forward(self, x):
+        problem, pairs, projection = self.fusion_plan(x)
+        if problem:
+            training.check_sync_runs(*(getattr(self, bn) for _, bn in self.CONVS))
+            return super().forward(x)
         out = x
         for conv, bn in pairs[:-1]:
-            out = run(out, conv, bn, True)
-        return fused_last_conv(out, x, *pairs[-1], self.downsample, train=train)
+            out = fused.conv_bn_act(out, conv, bn, True)
+        conv, bn = pairs[-1]
+        if projection is not None:
+            return fused.conv_bn_act(out, conv, bn, True, projection=projection, shortcut=x)
+        return fused.conv_bn_act(out, conv, bn, True, **self.residual_of(x))
+
+    def fusion_plan(self, x):
+        """(problem, pairs, projection): why this call runs op by op ('' when fused; a
+        warning says why once per block unless the reason is one of ``fused.silent_reason``'s
+        or autograd recording in eval), the live (conv, bn) pairs, and the downsample as a
+        fusable (conv, bn) projection or None."""
+        reason = fused.silent_reason(x)
+        if reason:
+            return reason, None, None
+        pairs = []
+        for (conv_name, bn_name), act_name in zip(self.CONVS, self.ACTS):
+            conv, bn = getattr(self, conv_name), getattr(self, bn_name)
+            problem = fused.pair_problem(conv, bn, getattr(self, act_name),
+                                         (conv_name, bn_name, act_name))
+            if problem:
+                return self._warn(problem), None, None
+            pairs.append((conv, bn))
+        for name in self.OPTIONAL:
+            part = getattr(self, name, None)
+            if part is not None and type(part) is not nn.Identity:
+                return self._warn(f"{name} is a {type(part).__name__}"), None, None
+        if fused._global_hooks():
+            return self._warn("global module hooks are registered"), None, None
+        eval_mode = fused.uses_running_stats(pairs[-1][1])
+        projection = fused.projection_of(self.downsample, eval_mode)
+        if torch.is_grad_enabled():
+            evals = [pair for pair in pairs + [projection or pairs[-1]]
+                     if fused.uses_running_stats(pair[1])]
+            if evals and fused.records_autograd(x, evals):
+                return "autograd recording in eval", None, None
+        return "", pairs, projection
+
+    def _warn(self, problem: str) -> str:
+        fused.warn_once(self, problem)
+        return problem
+
+    def residual_of(self, x) -> dict:
+        """The shortcut as the last conv's residual: the identity, option A as a load
+        pattern, or any other downsample module run as it is."""
+        ds = self.downsample
+        if ds is None:
+            return {"residual": x}
+        if type(ds) is PadShortcut and not fused._hooked(ds):
+            return {"residual": x, "res_step": ds.stride, "res_off": ds.pad}
+        return {"residual": ds(x)}
 
 
-class BasicBlock(_ResidualBlock):
+class FusedStem:
+    """torchvision ResNet's ``_forward_impl`` with the stem (conv1 -> bn1 -> relu) through
+    ``fastres.fused.stem``: a mixin for ``fastres.models.ResNet`` and converted torchvision
+    ResNets."""
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        x = fused.stem(self, x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+
+        return x
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
+            dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+                     groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class ReferenceBasicBlock(nn.Module):
+    """torchvision's BasicBlock, op by op."""
     expansion: int = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
@@ -149,20 +155,27 @@ class BasicBlock(_ResidualBlock):
         self.downsample = downsample
         self.stride = stride
 
-    def pairs(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
         if self.downsample is not None:
             identity = self.downsample(x)
+
         out += identity
-        return self.relu(out)
+        out = self.relu(out)
+
+        return out
 
 
-class Bottleneck(_ResidualBlock):
+class ReferenceBottleneck(nn.Module):
+    """torchvision's Bottleneck (V1.5: the stride in the 3x3 conv), op by op."""
     expansion: int = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
@@ -182,76 +195,73 @@ class Bottleneck(_ResidualBlock):
         self.downsample = downsample
         self.stride = stride
 
-    def pairs(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+
+        out = self.conv3(out)
+        out = self.bn3(out)
+
         if self.downsample is not None:
             identity = self.downsample(x)
+
         out += identity
-        return self.relu(out)
+        out = self.relu(out)
+
+        return out
 
 
-class FoldedBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d whose work is done by the ConvBNAct in front of it. It keeps the BN's
-    parameters, buffers and state_dict keys where they were; its forward is the identity."""
+BASIC_PARTS = dict(CONVS=(("conv1", "bn1"), ("conv2", "bn2")), ACTS=("relu", "relu"))
+BOTTLENECK_PARTS = dict(CONVS=(("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+                        ACTS=("relu", "relu", "relu"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)
+class BasicBlock(FusedBlock, ReferenceBasicBlock):
+    CONVS, ACTS = BASIC_PARTS["CONVS"], BASIC_PARTS["ACTS"]
 
-    @classmethod
-    def sharing(cls, bn: nn.BatchNorm2d) -> "FoldedBatchNorm2d":
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                  device="meta")
-        new._parameters = dict(bn._parameters)
-        new._buffers = dict(bn._buffers)
-        return new.train(bn.training)
+
+class Bottleneck(FusedBlock, ReferenceBottleneck):
+    CONVS, ACTS = BOTTLENECK_PARTS["CONVS"], BOTTLENECK_PARTS["ACTS"]
 
 
 class ConvBNAct(nn.Conv2d):
-    """Conv2d + BatchNorm2d (+ ReLU), one fused kernel in eval mode.
-
-    Standalone, the BN is a child (``bn``). Made by ``fastres.convert`` from a stem
-    (conv1, bn1, relu) it borrows the model's BN, which stays registered where it was as a
-    ``FoldedBatchNorm2d``, so the model's state_dict keys do not change.
-    """
+    """Conv2d + BatchNorm2d (child ``bn``) (+ ReLU), one fused launch when the live modules
+    allow (as for a block); otherwise ``relu?(bn(conv2d(x)))`` op by op."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = False, relu: bool = True,
-                 norm_layer: Optional[Callable[..., nn.Module]] = None, device=None,
-                 dtype=None) -> None:
+                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
+                 relu: bool = True, norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 device=None, dtype=None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, device=device, dtype=dtype)
+                         groups, bias, padding_mode, device=device, dtype=dtype)
         self.bn = (norm_layer or nn.BatchNorm2d)(out_channels, device=device, dtype=dtype)
         self.relu = relu
 
-    @classmethod
-    def borrowing(cls, conv: nn.Conv2d, bn: FoldedBatchNorm2d, relu: bool) -> "ConvBNAct":
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                  conv.padding, conv.dilation, conv.groups, conv.bias is not None, relu,
-                  device="meta")
-        new.padding_mode = conv.padding_mode
-        new._parameters = dict(conv._parameters)
-        del new._modules["bn"]
-        new.__dict__["bn"] = bn  # a reference, not a child: the model owns it
-        return new.train(conv.training)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if can_fold(self, self.bn):
-            return fused_conv_bn(x, self, self.bn, self.relu)
-        if training.runs_fused(x, (self, self.bn)):
-            return training.conv_bn(x, self, self.bn, self.relu)
-        training.check_sync_runs((self, self.bn))
-        y = self._conv_forward(x, self.weight, self.bias)
-        y = self.bn.normalize(y) if isinstance(self.bn, FoldedBatchNorm2d) else self.bn(y)
-        return F.relu(y) if self.relu else y
+        reason = fused.silent_reason(x)
+        if not reason:
+            reason = self.fusion_problem()
+            if reason:
+                fused.warn_once(self, reason)
+            elif fused.uses_running_stats(self.bn) and fused.records_autograd(x, ((self, self.bn),)):
+                reason = "autograd"
+        if reason:
+            training.check_sync_runs(self.bn)
+            y = self.bn(self._conv_forward(x, self.weight, self.bias))
+            return F.relu(y) if self.relu else y
+        return fused.conv_bn_act(x, self, self.bn, self.relu)
+
+    def fusion_problem(self) -> str:
+        """As a block's: this conv (hooks and parametrizations on it included) and its bn."""
+        return fused.pair_problem(self, self.bn, None, ("the conv", "bn", None), ConvBNAct) \
+            or ("global module hooks are registered" if fused._global_hooks() else "")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", relu={self.relu}"

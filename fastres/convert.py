@@ -1,70 +1,69 @@
-"""``fastres.convert(model)``: swap fastres modules into an existing ResNet, in place.
+"""``fastres.convert(model)``: make an existing ResNet's blocks (and stem) run fused, in place.
 
-Every torchvision or timm ``BasicBlock``/``Bottleneck`` becomes the fastres block of the same
-kind, built around the *same* child modules (so Parameters, buffers and state_dict keys are
-shared and unchanged); a stem ``conv1 -> bn1 -> relu`` (timm: ``act1``) becomes a
-``ConvBNAct`` that borrows ``bn1``. timm blocks convert only in their plain form: ReLU
-activations and no attention, anti-aliasing, drop-block or drop-path (timm's
-``resnet*``, ``resnext*``, ``wide_resnet*``). Converting twice changes nothing. Modules that
-look like residual blocks but are of an unknown type or use an unsupported option are left
-alone and reported with a warning.
+Nothing is rebuilt: every torchvision or timm ``BasicBlock``/``Bottleneck`` keeps its
+submodules, Parameters (in the layout they have), buffers, hooks and state_dict keys, and
+gets a subclass of its own
+class with ``fastres.blocks.FusedBlock`` in front (as ``torch.nn.utils.parametrize`` does
+for a parametrized module): the block still is a torchvision (timm) block, and where the
+kernels cannot run it (``fastres.fused`` decides at each call) it runs its class's own
+forward. A torchvision ``ResNet`` likewise gets a subclass whose stem goes through
+``fastres.fused.stem``. The subclasses are module attributes here (``TorchvisionBasicBlock``,
+...), so pickling and ``copy.deepcopy`` work. timm's stem is left as it is (op by op).
+Converting twice changes nothing; modules that look like residual blocks but are of an
+unknown type are left alone and reported with a warning.
 """
+import importlib
 import warnings
 
 import torch.nn as nn
 
-from fastres.blocks import BasicBlock, Bottleneck, ConvBNAct, FoldedBatchNorm2d
+from fastres.blocks import BASIC_PARTS, BOTTLENECK_PARTS, FusedBlock, FusedStem
 
-KNOWN_BLOCKS = {
-    ("torchvision.models.resnet", "BasicBlock"): BasicBlock,
-    ("torchvision.models.resnet", "Bottleneck"): Bottleneck,
-    ("timm.models.resnet", "BasicBlock"): BasicBlock,
-    ("timm.models.resnet", "Bottleneck"): Bottleneck,
-}
-# timm's blocks: optional layers that must be absent (None or Identity), and the activations
-# (plain ReLU), all replaced by the fastres block's single ``relu``.
 TIMM_OPTIONAL = ("drop_block", "aa", "se", "drop_path")
-TIMM_ACTS = ("act1", "act2", "act3")
 
 
-def _plain_timm_block(old: nn.Module) -> bool:
-    optional_ok = all(type(getattr(old, n, None)) in (type(None), nn.Identity)
-                      for n in TIMM_OPTIONAL)
-    acts = [getattr(old, n) for n in TIMM_ACTS if hasattr(old, n)]
-    return optional_ok and len(acts) > 0 and all(type(a) is nn.ReLU for a in acts)
+# name of the fused subclass -> (module and class it extends, mixin, class attributes)
+FUSED_CLASSES = {
+    "TorchvisionBasicBlock": ("torchvision.models.resnet", "BasicBlock", FusedBlock,
+                              BASIC_PARTS),
+    "TorchvisionBottleneck": ("torchvision.models.resnet", "Bottleneck", FusedBlock,
+                              BOTTLENECK_PARTS),
+    "TimmBasicBlock": ("timm.models.resnet", "BasicBlock", FusedBlock,
+                       dict(BASIC_PARTS, ACTS=("act1", "act2"), OPTIONAL=TIMM_OPTIONAL)),
+    "TimmBottleneck": ("timm.models.resnet", "Bottleneck", FusedBlock,
+                       dict(BOTTLENECK_PARTS, ACTS=("act1", "act2", "act3"),
+                            OPTIONAL=TIMM_OPTIONAL)),
+    "TorchvisionResNet": ("torchvision.models.resnet", "ResNet", FusedStem, {}),
+}
+_BY_BASE = {(module, cls): name for name, (module, cls, _, _) in FUSED_CLASSES.items()}
 
 
-def _fastres_block(old: nn.Module):
-    cls = KNOWN_BLOCKS.get((type(old).__module__, type(old).__name__))
+def fused_class(name: str) -> type:
+    """The fused subclass ``name`` of ``FUSED_CLASSES``, made on first use."""
+    cls = globals().get(name)
     if cls is None:
-        return None
-    timm = type(old).__module__.startswith("timm.")
-    if timm and not _plain_timm_block(old):
-        return None
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for name, child in old.named_children():
-        if not (timm and name in TIMM_OPTIONAL + TIMM_ACTS):
-            setattr(new, name, child)
-    if timm:
-        new.relu = nn.ReLU(inplace=True)
-    new.downsample = old.downsample  # a child, or a plain None attribute
-    new.stride = old.stride
-    return new.train(old.training)
+        module, base_name, mixin, attrs = FUSED_CLASSES[name]
+        base = getattr(importlib.import_module(module), base_name)
+        cls = type(name, (mixin, base), dict(attrs, __module__=__name__, __qualname__=name))
+        globals()[name] = cls
+    return cls
 
 
-def convert_stem(model: nn.Module) -> bool:
-    """Fuse ``model.conv1 -> model.bn1 -> model.relu`` (torchvision's and the CIFAR ResNet's
-    stem; timm calls the ReLU ``act1``) into one ConvBNAct. Returns whether it did."""
-    act = "act1" if hasattr(model, "act1") else "relu"
-    conv, bn, relu = (getattr(model, n, None) for n in ("conv1", "bn1", act))
-    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or type(relu) is not nn.ReLU:
+def __getattr__(name: str):  # pickle finds fastres.convert.TorchvisionBasicBlock & co here
+    if name in FUSED_CLASSES:
+        return fused_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _convert_one(module: nn.Module) -> bool:
+    """Give ``module`` its fused subclass if it is a known block or ResNet; True if it is
+    (or already was) fused."""
+    if isinstance(module, (FusedBlock, FusedStem)):
+        return True
+    name = _BY_BASE.get((type(module).__module__, type(module).__name__))
+    if name is None:
         return False
-    if not hasattr(model, "layer1"):  # a block's conv1/bn1/relu, not a network's stem
-        return False
-    model.bn1 = FoldedBatchNorm2d.sharing(bn)
-    model.conv1 = ConvBNAct.borrowing(conv, model.bn1, relu=True)
-    setattr(model, act, nn.Identity())
+    module.__class__ = fused_class(name)
     return True
 
 
@@ -74,25 +73,14 @@ def _looks_residual(module: nn.Module) -> bool:
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replace torchvision/timm ResNet blocks and stems in ``model`` with fastres modules (in place)
-    and return ``model``. Works on any nesting (DataParallel, DDP, a backbone inside a
-    detector) and on models already on the GPU."""
+    """Make the torchvision/timm ResNet blocks (and torchvision ResNet stems) in ``model`` run
+    on fastres' kernels, in place, and return ``model``. Works on any nesting
+    (DataParallel, DDP, a backbone inside a detector) and on models already on the GPU."""
     unknown = set()
-
-    def visit(module: nn.Module) -> None:
-        convert_stem(module)
-        for name, child in list(module.named_children()):
-            new = _fastres_block(child)
-            if new is not None:
-                setattr(module, name, new)
-                continue
-            if _looks_residual(child) and not isinstance(child, (BasicBlock, Bottleneck)):
-                unknown.add(f"{type(child).__module__}.{type(child).__name__}")
-            visit(child)
-
-    visit(model)
+    for module in model.modules():
+        if not _convert_one(module) and _looks_residual(module):
+            unknown.add(f"{type(module).__module__}.{type(module).__name__}")
     if unknown:
         warnings.warn("fastres.convert left these residual-looking modules unconverted "
-                      f"(unknown types or unsupported options): {sorted(unknown)}",
-                      stacklevel=2)
+                      f"(unknown types): {sorted(unknown)}", stacklevel=2)
     return model

@@ -5,10 +5,10 @@ and ``conv_wgrad`` get formulas for ``torch.utils.flop_counter.FlopCounterMode``
 on import of ``fastres``), so a fastres model, forward and backward, is charged the same work
 as the PyTorch reference, one MAC = 2 FLOPs:
 
-    flops = 2 * N*P*Q * K * (R*S*C/groups)          the conv, w is (R*S*C/groups, K)
+    flops = 2 * N*P*Q * K * (C/groups*R*S)          the conv, w is (K, C/groups, R, S)
           + 2 * N*P*Q * K * C2                      the projection shortcut, if any
 
-Folded-BN bias, residual add and ReLU are not counted (FlopCounterMode counts neither
+BatchNorm, residual add and ReLU are not counted (FlopCounterMode counts neither
 BatchNorm nor elementwise ops on the reference).
 
 Minimal bytes. An op that reads each of its tensor inputs once and writes each output once
@@ -22,11 +22,13 @@ weight gradient each touch x, w and y once): ``TRAIN_BYTES_FACTOR``.
 
 Roofline floor: ``max(flops / peak_flops, bytes / peak_bandwidth)`` seconds.
 """
+import copy
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import register_flop_formula
 
-from fastres import ops, train_ops  # noqa: F401  (register torch.ops.fastres.*)
+from fastres import ops  # noqa: F401  (registers torch.ops.fastres.*)
 
 TRAIN_BYTES_FACTOR = 3
 # Ops that only change layout, strides or dtype: not part of the minimal model.
@@ -37,15 +39,18 @@ _LAYOUT_OPS = {torch.ops.aten.clone.default, torch.ops.aten._to_copy.default,
 
 
 def conv_flops(x_shape, w_shape, out_shape, shortcut_w_shape=None) -> int:
-    """FLOPs of the fused conv: x (N, C, H, W), w (R*S*C/groups, K), out (N, K, P, Q),
-    shortcut_w (C2, K) or None."""
+    """FLOPs of the fused conv: x (N, C, H, W), w (K, C/groups, R, S), out (N, K, P, Q),
+    shortcut_w (K, C2, 1, 1) or None."""
     n, k, p, q = out_shape
-    per_out = w_shape[0] + (shortcut_w_shape[0] if shortcut_w_shape is not None else 0)
+    per_out = w_shape[1] * w_shape[2] * w_shape[3]
+    if shortcut_w_shape is not None:
+        per_out += shortcut_w_shape[1]
     return 2 * n * p * q * k * per_out
 
 
 @register_flop_formula(torch.ops.fastres.conv_bn_act)
-def _conv_bn_act_flops(x_shape, w_shape, bias_shape, residual_shape, shortcut_shape,
+def _conv_bn_act_flops(x_shape, w_shape, conv_bias_shape, bn_weight_shape, bn_bias_shape,
+                       mean_shape, var_shape, eps, residual_shape, shortcut_shape,
                        shortcut_w_shape, *args, out_shape=None, **kwargs) -> int:
     return conv_flops(x_shape, w_shape, out_shape, shortcut_w_shape)
 
@@ -62,7 +67,7 @@ def _conv_dgrad_flops(dy_shape, w_shape, *args, out_shape=None, **kwargs) -> int
 
 @register_flop_formula(torch.ops.fastres.conv_wgrad)
 def _conv_wgrad_flops(x_shape, dy_shape, *args, out_shape=None, **kwargs) -> int:
-    return conv_flops(x_shape, out_shape, dy_shape)  # dw is (R*S*C/groups, K)
+    return conv_flops(x_shape, out_shape, dy_shape)  # dw is (K, C/groups, R, S)
 
 
 def tensor_bytes(t) -> int:
@@ -96,12 +101,17 @@ class MinimalBytesMode(TorchDispatchMode):
 
 
 def minimal_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
-    """Minimal bytes of ``module(x)`` (a forward under no_grad; call it on a fastres module
-    in eval mode). Runs the module once first so caches (folded BN weights) are filled."""
-    with torch.no_grad():
-        module(x)
-        with MinimalBytesMode() as mode:
-            module(x)
+    """Minimal bytes of a fused forward of ``module(x)`` (under no_grad; call it on a fastres
+    module in eval mode): run on a meta-device copy with the Triton path forced, so the
+    fused ops' fake impls stand in for the kernels on any machine and nothing is computed."""
+    meta = copy.deepcopy(module).to("meta")
+    real = ops.uses_triton
+    ops.uses_triton = lambda t: True
+    try:
+        with torch.no_grad(), MinimalBytesMode() as mode:
+            meta(x.to("meta"))
+    finally:
+        ops.uses_triton = real
     return mode.bytes
 
 

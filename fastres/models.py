@@ -9,11 +9,12 @@ from typing import Callable, List, Optional, Type, Union
 import torch
 import torch.nn as nn
 
-from fastres.blocks import BasicBlock, Bottleneck, PadShortcut, conv1x1, conv3x3
-from fastres.convert import convert_stem
+from fastres import fused
+from fastres.blocks import BasicBlock, Bottleneck, FusedStem, PadShortcut, conv1x1, conv3x3
 
 
 def _init(model: nn.Module, zero_init_residual: bool) -> None:
+    """torchvision's initialization."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -28,8 +29,9 @@ def _init(model: nn.Module, zero_init_residual: bool) -> None:
                 nn.init.constant_(m.bn2.weight, 0)
 
 
-class ResNet(nn.Module):
-    """torchvision's ResNet, with a fused stem and fastres blocks."""
+class ResNet(FusedStem, nn.Module):
+    """torchvision's ResNet (same modules, state_dict keys and initialization) with fastres
+    blocks; the stem (conv1 -> bn1 -> relu) runs through ``fastres.fused.stem``."""
 
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int],
                  num_classes: int = 1000, zero_init_residual: bool = False, groups: int = 1,
@@ -57,7 +59,6 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         _init(self, zero_init_residual)
-        convert_stem(self)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1,
                     dilate: bool = False) -> nn.Sequential:
@@ -80,9 +81,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self._forward_impl(x)
 
 
 class CifarResNet(nn.Module):
@@ -102,7 +101,6 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
         _init(self, zero_init_residual)
-        convert_stem(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -114,9 +112,17 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        x = fused.stem(self, x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+
+        return x
 
 
 def resnet18(**kwargs) -> ResNet:

@@ -1,4 +1,4 @@
-"""Train-mode forward of fastres blocks on the Triton training ops (``fastres.train_ops``).
+"""Train-mode conv + BatchNorm on the Triton training ops (``fastres.ops``).
 
 Per conv + BatchNorm: one conv launch whose epilogue also reduces the BN statistics, a tiny
 statistics merge (which updates the running buffers exactly like ``nn.BatchNorm2d``), and one
@@ -10,53 +10,24 @@ blocks use statistics over all ranks of ``group`` (as ``nn.SyncBatchNorm``): per
 (count, mean, M2) are all-gathered and merged before finalize, and the backward's two
 per-channel sums are all-reduced.
 """
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fastres import ops
-from fastres import train_ops  # noqa: F401  (registers torch.ops.fastres.*_train)
+from fastres import ops  # noqa: F401  (registers torch.ops.fastres.*)
 
 SYNC_ATTR = "fastres_process_group"
 
 
-def uses_batch_stats(bn: nn.Module) -> bool:
-    return bn.training or bn.running_mean is None
-
-
-def trainable_pair(conv: nn.Module, bn: nn.Module) -> bool:
-    """conv + bn the training kernels run: zero-padded bias-free Conv2d, BatchNorm2d using
-    batch statistics."""
-    return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple) and conv.bias is None
-            and isinstance(bn, nn.BatchNorm2d) and uses_batch_stats(bn))
-
-
-def projection_of(downsample: Optional[nn.Module]):
-    """(conv, bn) if downsample is a conv + BN the training kernels run, else None."""
-    if isinstance(downsample, nn.Sequential) and len(downsample) == 2 \
-            and trainable_pair(*downsample):
-        return tuple(downsample)
-    return None
-
-
-def runs_fused(x: torch.Tensor, *pairs) -> bool:
-    """True when a train-mode forward of these (conv, bn) pairs runs on the Triton kernels."""
-    return (isinstance(x, torch.Tensor) and ops.uses_triton(x)
-            and all(trainable_pair(conv, bn) for conv, bn in pairs))
-
-
-def check_sync_runs(*pairs) -> None:
+def check_sync_runs(*bns) -> None:
     """Synchronized BN exists only on the training kernels: refuse the op-by-op path for a
     batch-statistics BN that ``sync_batchnorm`` marked, instead of silently not syncing."""
-    for _, bn in pairs:
-        if getattr(bn, SYNC_ATTR, None) is not None and uses_batch_stats(bn):
+    for bn in bns:
+        if getattr(bn, SYNC_ATTR, None) is not None and getattr(bn, "training", False):
             raise NotImplementedError(
                 "fastres: synchronized BatchNorm runs on the Triton kernels only (CUDA tensors, "
-                "or CPU tensors with TRITON_INTERPRET=1); this forward would take the plain "
-                "PyTorch path and not synchronize")
+                "or CPU tensors with TRITON_INTERPRET=1) and fused blocks; this forward would "
+                "run op by op and not synchronize")
 
 
 def _batch_stats(merged: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -69,7 +40,7 @@ def _batch_stats(merged: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
         merged = torch.stack(gathered)
     else:
         merged = merged.unsqueeze(0)
-    update = bn.training and bn.running_mean is not None
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
     if update and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
     if update and bn.momentum is None and bn.num_batches_tracked is None:
@@ -80,14 +51,10 @@ def _batch_stats(merged: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
         bn.num_batches_tracked if update and bn.momentum is None else None)
 
 
-def _conv(x: torch.Tensor, conv: nn.Conv2d):
-    w = conv.weight
-    w_kn = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).to(x.dtype).contiguous()
-    raw, merged = torch.ops.fastres.conv_train(
-        x, w_kn, list(conv.kernel_size), list(conv.stride), list(conv.padding),
-        list(conv.dilation), conv.groups)
-    count = raw.shape[0] * raw.shape[2] * raw.shape[3]
-    return raw, merged, count
+def _conv(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d):
+    raw, merged = torch.ops.fastres.conv_train(x, weight, list(conv.stride), list(conv.padding),
+                                               list(conv.dilation), conv.groups)
+    return raw, merged, raw.shape[0] * raw.shape[2] * raw.shape[3]
 
 
 def _check_count(count: int, bn: nn.BatchNorm2d, shape) -> None:
@@ -96,30 +63,23 @@ def _check_count(count: int, bn: nn.BatchNorm2d, shape) -> None:
                          f"size {torch.Size(shape)}")
 
 
-def conv_bn(x, conv, bn, relu, residual=None, res_step=1, res_off=0, projection=None,
+def conv_bn(x, weight, conv, bn, relu, residual=None, res_step=1, res_off=0, projection=None,
             shortcut=None):
     """relu?(bn(conv(x)) (+ proj_bn(proj_conv(shortcut))) (+ pad_c(residual[::step], off)))
-    with batch-statistics BatchNorm, on the training kernels."""
-    c_g = conv.weight.shape[1]
-    ops.check_input(x, c_g * conv.groups, conv.kernel_size, conv.padding, conv.dilation)
-    if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    x = x.contiguous(memory_format=ops.CL)
-    raw, merged, count = _conv(x, conv)
+    with batch-statistics BatchNorm, on the training kernels. ``fastres.fused.conv_bn_act``
+    has checked the input and cast it (and ``weight``, conv.weight or its autocast copy)."""
+    raw, merged, count = _conv(x, weight, conv)
     _check_count(count, bn, raw.shape)
     stats = _batch_stats(merged, bn)
     raw2 = stats2 = weight2 = bias2 = None
     if projection is not None:
         pconv, pbn = projection
-        raw2, merged2, _ = _conv(shortcut.to(x.dtype).contiguous(memory_format=ops.CL), pconv)
+        raw2, merged2, _ = _conv(shortcut, pconv.weight.to(x.dtype), pconv)
         if raw2.shape != raw.shape:
             raise ValueError(f"fastres: projection shortcut output {tuple(raw2.shape)} does "
                              f"not match the conv output {tuple(raw.shape)}")
         stats2 = _batch_stats(merged2, pbn)
         weight2, bias2 = pbn.weight, pbn.bias
-    if residual is not None:
-        residual = residual.to(x.dtype).contiguous(memory_format=ops.CL)
-        ops.check_residual(residual, raw.shape, res_step, res_off)
     group = getattr(bn, SYNC_ATTR, None)
     return torch.ops.fastres.bn_act_train(
         raw, stats, bn.weight, bn.bias, residual, raw2, stats2, weight2, bias2, relu,

@@ -27,8 +27,8 @@ def warmup(model: nn.Module, shapes: Iterable[Sequence[int]],
            device: Optional[torch.device] = None) -> nn.Module:
     """Run ``model`` once in eval mode under ``torch.inference_mode`` on zeros of each input
     shape in ``shapes`` (e.g. ``[(1, 3, 224, 224), (256, 3, 224, 224)]``). This compiles the
-    kernels those shapes use and fills the folded-BatchNorm cache, so the first real batch
-    (or a CUDA-graph capture) runs no compiler. ``dtype`` and ``device`` default to those of
+    kernels those shapes use, so the first real batch (or a CUDA-graph capture) runs no
+    compiler. ``dtype`` and ``device`` default to those of
     the model's first floating-point parameter; call it inside ``torch.autocast`` to warm up
     the autocast dtype. Every module's train/eval flag is restored and no running statistic
     changes. Returns ``model``.

@@ -9,7 +9,8 @@ reuses a compiled kernel:
     BLOCK_N  the channels per group rounded up to a power of two, 16..N_CAP[bytes]: 128 for
              2-byte dtypes (a 128x256 tile, 8 warps, spills 88-96 B/thread with the residual
              epilogue in the sm_90a compile), 64 for fp32 (the ieee-precision dgrad spills at
-             128x128)
+             128x128); at most SHORTCUT_N_CAP = 64 with a projection shortcut, whose second
+             fp32 accumulator made the bf16 128x128 tile (8 warps) spill 8-288 B/thread
     BLOCK_K  the input channels per group rounded up, 16..(128 bytes of one row: 64 bf16/fp16,
              32 fp32), the row a 128-byte shared-memory swizzle wants
     warps    8 from BLOCK_M * BLOCK_N * bytes >= 128 * 64 * 2 up (two warpgroups share the
@@ -25,9 +26,21 @@ candidates alike), and that none spills or overflows shared memory.
 Autotune (GPU only, opt-in): with ``FASTRES_AUTOTUNE=1``, the first launch of a bucket times
 ``tune_candidates`` with ``triton.testing.do_bench`` and stores the fastest in a JSON file
 (``FASTRES_TUNE_CACHE``, default ``~/.cache/fastres/configs.json``), keyed on the GPU, the
-dtype size, the taps R*S and the bucket (M rounded up to a power of two, channels exact).
+dtype size, the taps R*S, the shortcut and the bucket (M rounded up to a power of two,
+channels exact).
 Later processes read the file, with or without ``FASTRES_AUTOTUNE``. Tune before serving:
 ``fastres.warmup(model, shapes)`` with the variable set runs every conv of those shapes once.
+
+The backward kernels' tiles (``dgrad_config``, ``wgrad_blocks``) and the split-K heuristics
+(``split_k``, ``wgrad_split``, fed the GPU's SM count by ``sm_count``) live here too, each
+with the closed set the ahead-of-time check compiles (``all_dgrad_configs``,
+``all_wgrad_blocks``).
+
+Host cost: a launch looks its config up in a per-process memo keyed on the bucket (no
+environment read, no string building). The environment is read once: ``TRITON_INTERPRET`` at
+import (``INTERPRET``), ``FASTRES_AUTOTUNE`` and ``FASTRES_TUNE_CACHE`` (and the cache file)
+at the first pick. ``reset()`` forgets the memo, those two settings and the loaded file: call
+it after changing either variable (or the file) within a process.
 """
 import functools
 import json
@@ -36,16 +49,48 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+import torch
+
 SMALL_M = 128 * 64  # below: BLOCK_M = 64
 N_CAP = {2: 128, 4: 64}  # largest BLOCK_N per element size, see the module docstring
+SHORTCUT_N_CAP = 64  # largest BLOCK_N with a projection shortcut (two accumulators)
 SMEM_BUDGET = 192 * 1024  # bytes for the pipelined tiles; sm_90 allows 227 KiB per block
 AUTOTUNE_ENV = "FASTRES_AUTOTUNE"
 CACHE_ENV = "FASTRES_TUNE_CACHE"
+MAX_SPLIT_K = 16  # split_k's largest factor
+WGRAD_PROGRAMS_PER_SM = 2  # wgrad_split's target: two programs per SM
+
+# Whether the kernels run through Triton's CPU interpreter, decided once, as Triton decides it:
+# ``@triton.jit`` makes an interpreted function when TRITON_INTERPRET=1 at that moment (this
+# package's import), and a later change of the variable does not change what the kernels are.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels run through Triton's CPU interpreter (``INTERPRET``)."""
+    return INTERPRET
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+def check_interpreter_stack() -> None:
+    """Triton before 3.7 interprets a loop bound with ``int()`` of a 1-element array, which
+    numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"): every
+    kernel with a runtime loop bound would fail. Measured: Triton 3.6.0 fails with numpy
+    2.4.6 and runs with 2.3.5; 3.7.1 and 3.8 run with both."""
+    import numpy
+    import triton
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        raise RuntimeError(
+            f"fastres: Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot "
+            f"run with numpy {numpy.__version__}: install numpy<2.4 (pip install 'numpy<2.4') "
+            f"or Triton >= 3.7")
+
+
+if INTERPRET:  # once, before any kernel runs
+    check_interpreter_stack()
 
 
 @dataclass(frozen=True)
@@ -57,9 +102,28 @@ class ConvConfig:
     num_warps: int = 4
     num_stages: int = 3
 
+    @functools.cached_property
     def kwargs(self) -> dict:
+        """The launch's keyword arguments (built once; read-only)."""
         return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K,
                     GROUP_M=self.GROUP_M, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclass(frozen=True)
+class WgradBlocks:
+    """wgrad's tile: BLOCK_C input channels of one tap x BLOCK_N output channels, reduced over
+    output pixels in chunks of BLOCK_M."""
+    BLOCK_C: int
+    BLOCK_N: int
+    BLOCK_M: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @functools.cached_property
+    def kwargs(self) -> dict:
+        """The launch's keyword arguments (built once; read-only)."""
+        return dict(BLOCK_C=self.BLOCK_C, BLOCK_N=self.BLOCK_N, BLOCK_M=self.BLOCK_M,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -75,45 +139,83 @@ def _make(bm: int, bn: int, bk: int, elem_bytes: int) -> ConvConfig:
     return ConvConfig(bm, bn, bk, num_warps=warps, num_stages=stages)
 
 
-def heuristic_config(m: int, n_per_group: int, c_per_group: int,
-                     elem_bytes: int = 4) -> ConvConfig:
+def _n_cap(elem_bytes: int, shortcut: bool) -> int:
+    return min(N_CAP[elem_bytes], SHORTCUT_N_CAP) if shortcut else N_CAP[elem_bytes]
+
+
+def heuristic_config(m: int, n_per_group: int, c_per_group: int, elem_bytes: int = 4,
+                     shortcut: bool = False) -> ConvConfig:
     """The GPU config of a bucket, before any tuning (see the module docstring)."""
-    bn = _pow2_at_least(n_per_group, 16, N_CAP[elem_bytes])
+    bn = _pow2_at_least(n_per_group, 16, _n_cap(elem_bytes, shortcut))
     bk = _pow2_at_least(c_per_group, 16, 128 // elem_bytes)
     return _make(128 if m >= SMALL_M else 64, bn, bk, elem_bytes)
 
 
+# bucket -> config, for pick_config, dgrad_config and wgrad_blocks. M enters a bucket as
+# ((m - 1).bit_length(), m >= SMALL_M): its power-of-two ceiling (tuned buckets, interpreter
+# blocks) and its side of SMALL_M (the heuristic), all a config depends on.
+_PICKED: dict = {}
+_SETTINGS: dict = {}  # "path", "autotune": FASTRES_TUNE_CACHE and FASTRES_AUTOTUNE, read once
+
+
+def reset() -> None:
+    """Forget the picked configs, the tune settings and the loaded cache file: the next launch
+    reads ``FASTRES_AUTOTUNE``, ``FASTRES_TUNE_CACHE`` and the file again."""
+    _PICKED.clear()
+    _SETTINGS.clear()
+    _CACHE.clear()
+
+
 def pick_config(m: int, n_per_group: int, c_per_group: int, elem_bytes: int = 4,
-                taps: int = 1, launch: Optional[Callable] = None) -> ConvConfig:
+                taps: int = 1, launch: Optional[Callable] = None,
+                shortcut: bool = False) -> ConvConfig:
     """Block sizes for a conv whose GEMM is M=N*P*Q pixels, N=n_per_group output channels,
-    reduction over ``taps`` (R*S) chunks of c_per_group input channels of ``elem_bytes`` each.
-    ``launch(cfg)`` runs the conv with a given config: with it and ``FASTRES_AUTOTUNE=1`` on a
-    GPU, an untuned bucket is tuned now. (``elem_bytes`` defaults to the safe 4: a 2-byte
-    dtype gets fewer stages than it could.)
+    reduction over ``taps`` (R*S) chunks of c_per_group input channels of ``elem_bytes`` each,
+    with a projection shortcut (a second accumulator) or not. ``launch(cfg)`` runs the conv
+    with a given config: with it and ``FASTRES_AUTOTUNE=1`` on a GPU, an untuned bucket is
+    tuned now. (``elem_bytes`` defaults to the safe 4: a 2-byte dtype gets fewer stages than
+    it could.) Memoized per bucket (module docstring).
 
     Under the interpreter the cost is per program and per op, so blocks are as large as the
     problem allows.
     """
-    if interpreting():
+    key = ((m - 1).bit_length(), m >= SMALL_M, n_per_group, c_per_group, elem_bytes, taps,
+           shortcut)
+    if key in _PICKED:
+        return _PICKED[key]
+    cfg, final = _pick(m, n_per_group, c_per_group, elem_bytes, taps, launch, shortcut)
+    if final:
+        _PICKED[key] = cfg
+    return cfg
+
+
+def _pick(m, n_per_group, c_per_group, elem_bytes, taps, launch, shortcut):
+    """(config, final): not final when autotune is on but there is no ``launch`` to time, so
+    a later launch of the bucket tunes it."""
+    if INTERPRET:
         return ConvConfig(BLOCK_M=_pow2_at_least(m, 16, 128),
                           BLOCK_N=_pow2_at_least(n_per_group, 16, 128),
                           BLOCK_K=_pow2_at_least(c_per_group, 16, 64),
-                          num_warps=1, num_stages=1)
-    key = bucket_key(m, n_per_group, c_per_group, elem_bytes, taps)
+                          num_warps=1, num_stages=1), True
+    key = bucket_key(m, n_per_group, c_per_group, elem_bytes, taps, shortcut)
     tuned = _tuned().get(key)
     if tuned is not None:
-        return ConvConfig(**tuned)
-    if launch is not None and os.environ.get(AUTOTUNE_ENV, "0") == "1":
-        return autotune(key, tune_candidates(m, n_per_group, c_per_group, elem_bytes), launch)
-    return heuristic_config(m, n_per_group, c_per_group, elem_bytes)
+        return ConvConfig(**tuned), True
+    if _settings()["autotune"]:
+        if launch is not None:
+            return autotune(key, tune_candidates(m, n_per_group, c_per_group, elem_bytes,
+                                                 shortcut), launch), True
+        return heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut), False
+    return heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut), True
 
 
-def tune_candidates(m: int, n_per_group: int, c_per_group: int, elem_bytes: int) -> list:
+def tune_candidates(m: int, n_per_group: int, c_per_group: int, elem_bytes: int,
+                    shortcut: bool = False) -> list:
     """The configs autotune times for a bucket: the heuristic's, then its neighbours in
     BLOCK_M and BLOCK_N, each no larger than the problem needs."""
-    n_cap = _pow2_at_least(n_per_group, 16, N_CAP[elem_bytes])
+    n_cap = _pow2_at_least(n_per_group, 16, _n_cap(elem_bytes, shortcut))
     k_cap = _pow2_at_least(c_per_group, 16, 128 // elem_bytes)
-    out = [heuristic_config(m, n_per_group, c_per_group, elem_bytes)]
+    out = [heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut)]
     for bm in (64, 128):
         for bn in (32, 64, 128):
             cfg = _make(bm, min(bn, n_cap), k_cap, elem_bytes)
@@ -122,31 +224,144 @@ def tune_candidates(m: int, n_per_group: int, c_per_group: int, elem_bytes: int)
     return out
 
 
-def all_configs(elem_bytes: Optional[int] = None) -> list:
+def all_configs(elem_bytes: Optional[int] = None, shortcut: bool = False) -> list:
     """Every config ``pick_config`` can return on a GPU for a dtype of ``elem_bytes`` bytes
-    (both sizes when None), tuned ones included: the set the ahead-of-time check compiles."""
+    (both sizes when None), with a projection shortcut or not, tuned ones included: the set
+    the ahead-of-time check compiles."""
     out = []
     for e in ((2, 4) if elem_bytes is None else (elem_bytes,)):
         for m in (1, SMALL_M):
             for n in (16, 32, 64, 128, 256):
                 for c in (16, 32, 64):
-                    for cfg in [heuristic_config(m, n, c, e)] + tune_candidates(m, n, c, e):
+                    for cfg in tune_candidates(m, n, c, e, shortcut):
                         if cfg not in out:
                             out.append(cfg)
     return out
 
 
 # ---------------------------------------------------------------------------------------------
+# Backward tiles.
+
+def dgrad_config(m: int, c_per_group: int, k_per_group: int,
+                 elem_bytes: int = 4) -> ConvConfig:
+    """dgrad tiles: M = input pixels, N = input channels, K chunks of output channels of
+    ``elem_bytes`` each. Memoized per bucket."""
+    key = ("dgrad", (m - 1).bit_length(), m >= SMALL_M, c_per_group, k_per_group, elem_bytes)
+    if key not in _PICKED:
+        _PICKED[key] = pick_config(m, c_per_group, k_per_group) if INTERPRET else \
+            _dgrad_gpu_config(m, c_per_group, k_per_group, elem_bytes)
+    return _PICKED[key]
+
+
+def _dgrad_gpu_config(m: int, c_per_group: int, k_per_group: int,
+                      elem_bytes: int) -> ConvConfig:
+    """K chunks of at most 128 bytes (64 bf16/fp16, 32 fp32: one swizzled shared-memory row),
+    BLOCK_N up to 128, 8 warps from 128x64 tiles up, 3 stages (at most 96 KiB): every such
+    config compiles for sm_90a to HGMMA without spilling in bf16, fp16 and tf32, int64
+    indexing included (``python -m fastres.aot``)."""
+    bn = _pow2_at_least(c_per_group, 16, 128)
+    bk = _pow2_at_least(k_per_group, 16, 128 // elem_bytes)
+    bm = 128 if m >= SMALL_M and bn >= 64 else 64
+    return ConvConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 8192 else 4,
+                      num_stages=3)
+
+
+def all_dgrad_configs(elem_bytes: Optional[int] = None) -> list:
+    """Every config ``dgrad_config`` can return on a GPU for a dtype of ``elem_bytes`` bytes
+    (both sizes when None): the set the ahead-of-time check (``python -m fastres.aot``)
+    compiles."""
+    out = []
+    for e in ((2, 4) if elem_bytes is None else (elem_bytes,)):
+        for m in (1, SMALL_M):
+            for c in (16, 32, 64, 128, 256):
+                for k in (16, 32, 64, 128):
+                    cfg = _dgrad_gpu_config(m, c, k, e)
+                    if cfg not in out:
+                        out.append(cfg)
+    return out
+
+
+def wgrad_blocks(m: int, c_per_group: int, k_per_group: int) -> WgradBlocks:
+    """wgrad tiles (``WgradBlocks``) for M output pixels, c_per_group input and k_per_group
+    output channels. Memoized per bucket."""
+    key = ("wgrad", (m - 1).bit_length(), c_per_group, k_per_group)
+    if key not in _PICKED:
+        _PICKED[key] = WgradBlocks(BLOCK_C=_pow2_at_least(c_per_group, 16, 64),
+                                   BLOCK_N=_pow2_at_least(k_per_group, 16, 64),
+                                   BLOCK_M=_pow2_at_least(m, 16, 128), num_warps=1,
+                                   num_stages=1) if INTERPRET else \
+            _wgrad_gpu_blocks(c_per_group, k_per_group)
+    return _PICKED[key]
+
+
+def _wgrad_gpu_blocks(c_per_group: int, k_per_group: int) -> WgradBlocks:
+    return WgradBlocks(BLOCK_C=_pow2_at_least(c_per_group, 16, 64),
+                       BLOCK_N=_pow2_at_least(k_per_group, 16, 128), BLOCK_M=32, num_warps=4,
+                       num_stages=3)
+
+
+def all_wgrad_blocks() -> list:
+    """Every tile ``wgrad_blocks`` can return on a GPU: the set the ahead-of-time check
+    compiles."""
+    out = []
+    for c in (16, 32, 64, 128):
+        for k in (16, 32, 64, 128, 256):
+            blocks = _wgrad_gpu_blocks(c, k)
+            if blocks not in out:
+                out.append(blocks)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-K: how many programs share one output tile's reduction.
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read once per device)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k(tiles: int, chunks_per_tap: int, taps: int, sms: int) -> int:
+    """The forward's split-K factor (a power of two, at most MAX_SPLIT_K): split the reduction
+    while the output tiles fill less than half of the ``sms`` SMs (layer4 at small batch: 4
+    tiles on 132 SMs), every split keeps at least one channel chunk a tap, and at least 4
+    chunks in all."""
+    split = 1
+    while (split * 2 <= min(MAX_SPLIT_K, chunks_per_tap) and tiles * split * 2 <= sms
+           and taps * chunks_per_tap >= 4 * split * 2):
+        split *= 2
+    return split
+
+
+def wgrad_split(tiles: int, chunks: int, sms: int) -> int:
+    """wgrad's split over output pixels: enough programs for WGRAD_PROGRAMS_PER_SM per SM, each
+    reducing at least 8 of the ``chunks`` BLOCK_M-pixel chunks."""
+    programs = WGRAD_PROGRAMS_PER_SM * sms
+    return max(1, min((programs + tiles - 1) // tiles, chunks // 8))
+
+
+# ---------------------------------------------------------------------------------------------
 # Persistent autotune cache.
 
-def bucket_key(m: int, n_per_group: int, c_per_group: int, elem_bytes: int, taps: int) -> str:
+def bucket_key(m: int, n_per_group: int, c_per_group: int, elem_bytes: int, taps: int,
+               shortcut: bool = False) -> str:
     """The cache key of a conv: M rounded up to a power of two (never the exact batch size)."""
-    return f"m{_pow2_at_least(m, 1, 1 << 62)}-n{n_per_group}-c{c_per_group}-b{elem_bytes}-t{taps}"
+    return (f"m{_pow2_at_least(m, 1, 1 << 62)}-n{n_per_group}-c{c_per_group}-b{elem_bytes}"
+            f"-t{taps}{'-sc' if shortcut else ''}")
 
 
 def cache_path() -> str:
+    """The tune cache file now: ``FASTRES_TUNE_CACHE``, or ~/.cache/fastres/configs.json."""
     return os.environ.get(CACHE_ENV) or os.path.join(
         os.path.expanduser("~"), ".cache", "fastres", "configs.json")
+
+
+def _settings() -> dict:
+    """The tune settings, read from the environment at the first call after ``reset()``."""
+    if not _SETTINGS:
+        _SETTINGS.update(path=cache_path(),
+                         autotune=os.environ.get(AUTOTUNE_ENV, "0") == "1")
+    return _SETTINGS
 
 
 _CACHE: dict = {}  # path -> {device: {bucket key: config fields}}
@@ -160,7 +375,7 @@ def _device() -> str:
 
 
 def _load() -> dict:
-    path = cache_path()
+    path = _settings()["path"]
     if path not in _CACHE:
         try:
             with open(path) as f:
@@ -183,7 +398,7 @@ def autotune(key: str, candidates: list, launch: Callable) -> ConvConfig:
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     data = _load()
     data.setdefault(_device(), {})[key] = asdict(best)
-    path = cache_path()
+    path = _settings()["path"]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".json")
     with os.fdopen(fd, "w") as f:

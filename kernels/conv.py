@@ -1,34 +1,89 @@
 """Implicit-GEMM convolution on NHWC activations with a fused epilogue.
 
-For an input x of shape (N, H, W, C) (dense NHWC), weights w of shape (R*S*C_g, K) (row
-``(r*S + s)*C_g + c``, column = output channel, K contiguous) and G groups, one launch computes
+Weight layout (the one place it is stated): a conv weight is the module's own (K, C_g, R, S)
+tensor in channels_last memory, i.e. OHWI-dense: element [k, c, r, s] lives at
+``k*R*S*C_g + (r*S + s)*C_g + c``. ``kernel_weight`` gives that layout (a no-op for a
+channels_last weight); the forward, dgrad and wgrad kernels all use it (wgrad writes dw in it).
 
-    y[n, p, q, k] = relu?( sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*C_g + c]
-                                        * w[(r*S + s)*C_g + c, k]
-                          + sum_c x2[n, p*st2, q*st2, c] * w2[c, k]          (projection shortcut)
-                          + bias[k]
-                          + res[n, p*rstep, q*rstep, k - roff] )             (residual, 0 outside)
+For an input x of shape (N, H, W, C) (dense NHWC), a weight w as above and G groups
+(C_g = C / G input and K_g = K / G output channels a group, g = k // K_g), one launch computes
 
-with g = k // (K / G), fp32 accumulation and one rounding to y's dtype. As a GEMM:
-M = N*P*Q output pixels, N = K/G output channels, reduction over taps then channels (C
-innermost, contiguous). BatchNorm is folded into w and bias by the caller; the shortcut's
-BatchNorm into w2 and bias, so the shortcut is a second GEMM into the same accumulator and its
-output never reaches memory. ``rstep``/``roff`` express the CIFAR option-A shortcut (strided
-identity, zero-padded channels) as a load pattern. ``GEMM`` (1x1, stride 1, no padding) is the
-plain-GEMM path: x is read as an (M, C) matrix, no per-tap index arithmetic or bounds masks.
-``PACK`` (fewer than 16 channels a group) reduces over the (s, c) pairs of each kernel row as
-one K axis: the 7x7 stem's K per row is 21 (one 32-wide chunk) instead of 7 chunks of 16.
+    acc[n, p, q, k]  = sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*C_g + c]
+                                   * w[k, c, r, s]                                (fp32)
+    acc2[n, p, q, k] = sum_c x2[n, p*st2, q*st2, c] * w2[k, c, 0, 0]    (projection shortcut)
+    y[n, p, q, k] = relu?( acc * scale[k] + shift[k]
+                           + acc2 * scale2[k] + shift2[k]                 (projection shortcut)
+                           + res[n, p*rstep, q*rstep, k - roff] )         (residual, 0 outside)
+
+with, per output channel in fp32, from the live BatchNorm state ``BNParams(gamma, beta, mean,
+var, eps)`` and the conv's own bias b:
+
+    scale = (gamma or 1) / sqrt(var + eps),   shift = (beta or 0) + ((b or 0) - mean) * scale
+
+(without BN: scale = 1, shift = b or 0; the shortcut's BN likewise, without a conv bias), and
+one rounding to y's dtype. Nothing is folded into the weights: the shortcut has its own fp32
+accumulator because its scale differs from the main conv's, so it never reaches memory and
+the result is exact. As a GEMM: M = N*P*Q output pixels, N = K_g output channels, reduction
+over taps then channels (C innermost, contiguous). ``rstep``/``roff`` express the CIFAR
+option-A shortcut (strided identity, zero-padded channels) as a load pattern. ``GEMM`` (1x1,
+stride 1, no padding) is the plain-GEMM path: x is read as an (M, C) matrix, no per-tap index
+arithmetic or bounds masks. ``PACK`` (fewer than 16 channels a group) reduces over the (s, c)
+pairs of each kernel row as one K axis: the 7x7 stem's K per row is 21 (one 32-wide chunk)
+instead of 7 chunks of 16.
+
+Shared with the backward and BatchNorm kernels: ``tile_ids`` (program -> output tile),
+``pixel_coords`` (flat pixel index -> image, row, column), ``_mma`` with its host-side flags
+``dot_flags`` (the one place the dot's precision is chosen) and ``needs_int64`` (the one place
+the int64-indexing decision is made).
 """
-import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .configs import interpreting, pick_config
+from . import configs
+from .bn_rows import PARTIAL_COUNT, PARTIAL_M2, PARTIAL_MEAN
+from .configs import pick_config, sm_count, split_k
 
 INT32_SAFE = 2 ** 30  # numel above which offsets (masked lanes included) may pass 2**31
 SPLITK_BLOCK_M, SPLITK_BLOCK_N = 64, 64  # splitk_epilogue_kernel's tile
+
+
+class BNParams(NamedTuple):
+    """A BatchNorm's live inference state as the conv epilogue reads it: weight (gamma) and
+    bias (beta) of shape (K,), both None for ``affine=False``; running mean and var (K,); eps.
+    Any float dtype (fp32, or the activations' when the whole model was cast): the epilogue
+    computes in fp32."""
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+
+
+def kernel_weight(w: torch.Tensor) -> torch.Tensor:
+    """A conv weight (K, C_g, R, S) in the kernels' layout (module docstring): channels_last
+    memory, OHWI-dense. No copy when it already is."""
+    return w.contiguous(memory_format=torch.channels_last)
+
+
+def needs_int64(*tensors) -> bool:
+    """Whether a kernel indexing these tensors (None: absent) needs int64 offsets: any of them
+    holds more than INT32_SAFE elements."""
+    for t in tensors:
+        if t is not None and t.numel() > INT32_SAFE:
+            return True
+    return False
+
+
+def dot_flags(dtype: torch.dtype) -> tuple:
+    """(UPCAST, PRECISION) of ``_mma`` for operands of ``dtype``: fp32 takes tf32 when
+    ``torch.backends.cudnn.allow_tf32`` (as PyTorch's own convs do), else ieee; bf16 goes
+    through fp32 only under the interpreter, whose bf16 dot is wrong."""
+    if dtype is torch.float32:
+        return False, "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    return configs.INTERPRET and dtype is torch.bfloat16, None
 
 
 @triton.jit
@@ -38,6 +93,13 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def pixel_coords(offs, P, Q):
+    """(image, row, column) of flat pixel indices offs = (image * P + row) * Q + column over
+    images of P x Q pixels (NHWC order)."""
+    return offs // (P * Q), (offs // Q) % P, offs % Q
 
 
 @triton.jit
@@ -53,13 +115,21 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 @triton.jit(do_not_specialize=["M"])  # M = N*P*Q: a new batch size must not recompile
 def conv_fused_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, x2_ptr, w2_ptr, y_ptr, stats_ptr, part_ptr,
+    # Main conv: input, weight, output; its epilogue: conv bias, BatchNorm state
+    x_ptr, w_ptr, y_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+    # Projection shortcut: input, weight, BatchNorm state
+    x2_ptr, w2_ptr, gamma2_ptr, beta2_ptr, mean2_ptr, var2_ptr, eps2,
+    # Residual; outputs besides y: BN statistics partials, split-K partial sums
+    res_ptr, stats_ptr, part_ptr,
+    # Dimensions
     H, W, C, P, Q, M, K, C_G, K_G,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     RH, RW, RC, res_step, res_off,
     H2, W2, C2, stride2,
+    # Meta-parameters
     R: tl.constexpr, S: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SHORTCUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, BN_AFFINE: tl.constexpr,
+    HAS_SHORTCUT: tl.constexpr, SC_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
     RELU: tl.constexpr, INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     WITH_STATS: tl.constexpr, GEMM: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -68,7 +138,7 @@ def conv_fused_kernel(
     g = tl.program_id(1)
     sk = tl.program_id(2)  # split-K: this program reduces every SPLIT-th chunk from the sk-th
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    pid_m, pid_n = tile_ids(M, K_G, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(M=M, N=K_G, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,14 +146,13 @@ def conv_fused_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < K_G
     chan = g * K_G + offs_n
+    w_col = chan * (R * S * C_G)  # OHWI: output channel chan's R*S*C_G weights are contiguous
     if INT64:
         offs_m = offs_m.to(tl.int64)
-    img = offs_m // (P * Q)
-    p = (offs_m // Q) % P
-    q = offs_m % Q
+    img, p, q = pixel_coords(offs_m, P, Q)
 
     # Main conv: taps (r, s), then chunks of the group's input channels; with PACK, rows r,
-    # then chunks of the (s, c) pairs of a row (weight rows r*S*C_G + s*C_G + c).
+    # then chunks of the (s, c) pairs of a row (weight offsets r*S*C_G + s*C_G + c).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in range(R):
         ih = p * stride_h - pad_h + r * dil_h
@@ -98,9 +167,9 @@ def conv_fused_kernel(
                 a = tl.load(x_ptr + (x_row[:, None] + iw) * C + g * C_G + (ks % C_G)[None, :],
                             mask=row_ok[:, None] & k_ok[None, :] & (iw >= 0) & (iw < W),
                             other=0.0)
-                b = tl.load(w_ptr + (r * S * C_G + ks)[:, None] * K + chan[None, :],
+                b = tl.load(w_ptr + w_col[None, :] + (r * S * C_G + ks)[:, None],
                             mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-                acc = _mma(a, b, acc, UPCAST, PRECISION)
+                acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
         else:
             for s in range(S):
                 iw = q * stride_w - pad_w + s * dil_w
@@ -116,38 +185,59 @@ def conv_fused_kernel(
                     c_ok = cs < C_G
                     a = tl.load(x_ptr + x_row[:, None] + cs[None, :],
                                 mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                    b = tl.load(w_ptr + (w_row + cs)[:, None] * K + chan[None, :],
+                    b = tl.load(w_ptr + w_col[None, :] + (w_row + cs)[:, None],
                                 mask=c_ok[:, None] & mask_n[None, :], other=0.0)
-                    acc = _mma(a, b, acc, UPCAST, PRECISION)
+                    acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
 
-    # Projection shortcut: a 1x1 strided conv of the block input into the same accumulator.
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT > 1:  # fp32 partial sums; splitk_epilogue_kernel adds them up in order
+        tl.store(part_ptr + (sk * M + offs_m)[:, None] * K + chan[None, :], acc, mask=out_mask)
+
+    # Projection shortcut: a 1x1 strided conv of the block input into its own accumulator
+    # (its BN scale differs from the main conv's).
     if HAS_SHORTCUT:
         x2_row = ((img * H2 + p * stride2) * W2 + q * stride2) * C2
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c0 in range(sk * BLOCK_K, C2, SPLIT * BLOCK_K):
             cs = c0 + offs_k
             c_ok = cs < C2
             a = tl.load(x2_ptr + x2_row[:, None] + cs[None, :],
                         mask=mask_m[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(w2_ptr + cs[:, None] * K + chan[None, :],
+            b = tl.load(w2_ptr + (chan * C2)[None, :] + cs[:, None],
                         mask=c_ok[:, None] & mask_n[None, :], other=0.0)
-            acc = _mma(a, b, acc, UPCAST, PRECISION)
+            acc2 = _mma(a, b, acc2, UPCAST=UPCAST, PRECISION=PRECISION)
+        if SPLIT > 1:  # planes SPLIT..2*SPLIT-1 of the partials
+            tl.store(part_ptr + ((SPLIT + sk) * M + offs_m)[:, None] * K + chan[None, :], acc2,
+                     mask=out_mask)
 
-    if SPLIT > 1:  # fp32 partial sums; splitk_epilogue_kernel adds them up in order
-        tl.store(part_ptr + (sk * M + offs_m)[:, None] * K + chan[None, :], acc,
-                 mask=mask_m[:, None] & mask_n[None, :])
-    else:
-        _epilogue(acc, offs_m, chan, mask_m, mask_n, img, p, q, bias_ptr, res_ptr, y_ptr,
-                  stats_ptr, K, RH, RW, RC, res_step, res_off, pid_m, num_pid_m,
-                  HAS_BIAS, HAS_RES, RELU, WITH_STATS)
+    if SPLIT == 1:
+        acc = bn_affine(acc=acc, chan=chan, mask_n=mask_n, bias_ptr=bias_ptr,
+                        gamma_ptr=gamma_ptr, beta_ptr=beta_ptr, mean_ptr=mean_ptr,
+                        var_ptr=var_ptr, eps=eps, HAS_BIAS=HAS_BIAS, HAS_BN=HAS_BN,
+                        AFFINE=BN_AFFINE)
+        if HAS_SHORTCUT:
+            acc += bn_affine(acc=acc2, chan=chan, mask_n=mask_n, bias_ptr=bias_ptr,
+                             gamma_ptr=gamma2_ptr, beta_ptr=beta2_ptr, mean_ptr=mean2_ptr,
+                             var_ptr=var2_ptr, eps=eps2, HAS_BIAS=False, HAS_BN=True,
+                             AFFINE=SC_AFFINE)
+        _epilogue(out=acc, offs_m=offs_m, chan=chan, mask_m=mask_m, mask_n=mask_n, img=img, p=p,
+                  q=q, res_ptr=res_ptr, y_ptr=y_ptr, stats_ptr=stats_ptr, K=K, RH=RH, RW=RW,
+                  RC=RC, res_step=res_step, res_off=res_off, pid_m=pid_m, num_pid_m=num_pid_m,
+                  HAS_RES=HAS_RES, RELU=RELU, WITH_STATS=WITH_STATS)
 
 
 @triton.jit(do_not_specialize=["M"])
-def splitk_epilogue_kernel(part_ptr, bias_ptr, res_ptr, y_ptr, M, K, P, Q, RH, RW, RC,
-                           res_step, res_off,
-                           HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-                           INT64: tl.constexpr, SPLIT: tl.constexpr,
-                           SPLITK_BLOCK_M: tl.constexpr, SPLITK_BLOCK_N: tl.constexpr):
-    """y = epilogue(sum_{s < SPLIT} part[s]): split-K's partial sums, added in a fixed order."""
+def splitk_epilogue_kernel(
+    part_ptr, y_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+    gamma2_ptr, beta2_ptr, mean2_ptr, var2_ptr, eps2, res_ptr,
+    M, K, P, Q, RH, RW, RC, res_step, res_off,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, BN_AFFINE: tl.constexpr,
+    HAS_SHORTCUT: tl.constexpr, SC_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
+    RELU: tl.constexpr, INT64: tl.constexpr, SPLIT: tl.constexpr,
+    SPLITK_BLOCK_M: tl.constexpr, SPLITK_BLOCK_N: tl.constexpr,
+):
+    """y = epilogue(sum_{s < SPLIT} part[s] with the main BN (+ sum_{s < SPLIT} part[SPLIT + s]
+    with the shortcut's BN)): split-K's (M, K) fp32 partial sums, added in a fixed order."""
     offs_m = tl.program_id(0) * SPLITK_BLOCK_M + tl.arange(0, SPLITK_BLOCK_M)
     chan = tl.program_id(1) * SPLITK_BLOCK_N + tl.arange(0, SPLITK_BLOCK_N)
     mask_m = offs_m < M
@@ -159,9 +249,23 @@ def splitk_epilogue_kernel(part_ptr, bias_ptr, res_ptr, y_ptr, M, K, P, Q, RH, R
     for sk in range(SPLIT):
         acc += tl.load(part_ptr + (sk * M + offs_m)[:, None] * K + chan[None, :], mask=mask,
                        other=0.0)
-    _epilogue(acc, offs_m, chan, mask_m, mask_n, offs_m // (P * Q), (offs_m // Q) % P,
-              offs_m % Q, bias_ptr, res_ptr, y_ptr, y_ptr, K, RH, RW, RC, res_step, res_off,
-              0, 1, HAS_BIAS, HAS_RES, RELU, False)
+    out = bn_affine(acc=acc, chan=chan, mask_n=mask_n, bias_ptr=bias_ptr, gamma_ptr=gamma_ptr,
+                    beta_ptr=beta_ptr, mean_ptr=mean_ptr, var_ptr=var_ptr, eps=eps,
+                    HAS_BIAS=HAS_BIAS, HAS_BN=HAS_BN, AFFINE=BN_AFFINE)
+    if HAS_SHORTCUT:
+        acc2 = tl.zeros((SPLITK_BLOCK_M, SPLITK_BLOCK_N), dtype=tl.float32)
+        for sk in range(SPLIT, 2 * SPLIT):
+            acc2 += tl.load(part_ptr + (sk * M + offs_m)[:, None] * K + chan[None, :],
+                            mask=mask, other=0.0)
+        out += bn_affine(acc=acc2, chan=chan, mask_n=mask_n, bias_ptr=bias_ptr,
+                         gamma_ptr=gamma2_ptr, beta_ptr=beta2_ptr, mean_ptr=mean2_ptr,
+                         var_ptr=var2_ptr, eps=eps2, HAS_BIAS=False, HAS_BN=True,
+                         AFFINE=SC_AFFINE)
+    img, p, q = pixel_coords(offs_m, P, Q)
+    _epilogue(out=out, offs_m=offs_m, chan=chan, mask_m=mask_m, mask_n=mask_n, img=img, p=p, q=q,
+              res_ptr=res_ptr, y_ptr=y_ptr, stats_ptr=y_ptr, K=K, RH=RH, RW=RW, RC=RC,
+              res_step=res_step, res_off=res_off, pid_m=0, num_pid_m=1, HAS_RES=HAS_RES,
+              RELU=RELU, WITH_STATS=False)
 
 
 @triton.jit
@@ -176,46 +280,56 @@ def load_residual(res_ptr, img, p, q, chan, mask_m, mask_n, RH, RW, RC, res_step
 
 
 @triton.jit
-def _epilogue(acc, offs_m, chan, mask_m, mask_n, img, p, q, bias_ptr, res_ptr, y_ptr,
-              stats_ptr, K, RH, RW, RC, res_step, res_off, pid_m, num_pid_m,
-              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-              WITH_STATS: tl.constexpr):
-    """Bias (folded BN shift), residual, ReLU; one rounding on store; BN statistics."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + chan, mask=mask_n, other=0.0)[None, :]
+def _channel_vec(ptr, chan, mask_n):
+    return tl.load(ptr + chan, mask=mask_n, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def bn_affine(acc, chan, mask_n, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+              HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, AFFINE: tl.constexpr):
+    """acc * scale[chan] + shift[chan] on an fp32 tile of conv sums, with scale and shift in
+    fp32 from the conv bias and the live BatchNorm state (module docstring):
+    scale = (gamma or 1) / sqrt(var + eps), shift = (beta or 0) + ((bias or 0) - mean) * scale;
+    without BN, acc (+ bias)."""
+    if HAS_BN:
+        scale = 1.0 / tl.sqrt_rn(_channel_vec(var_ptr, chan, mask_n) + eps)
+        if AFFINE:
+            scale = scale * _channel_vec(gamma_ptr, chan, mask_n)
+        shift = -_channel_vec(mean_ptr, chan, mask_n)
+        if HAS_BIAS:
+            shift += _channel_vec(bias_ptr, chan, mask_n)
+        shift = shift * scale
+        if AFFINE:
+            shift += _channel_vec(beta_ptr, chan, mask_n)
+        acc = acc * scale[None, :] + shift[None, :]
+    elif HAS_BIAS:
+        acc += _channel_vec(bias_ptr, chan, mask_n)[None, :]
+    return acc
+
+
+@triton.jit
+def _epilogue(out, offs_m, chan, mask_m, mask_n, img, p, q, res_ptr, y_ptr, stats_ptr, K,
+              RH, RW, RC, res_step, res_off, pid_m, num_pid_m,
+              HAS_RES: tl.constexpr, RELU: tl.constexpr, WITH_STATS: tl.constexpr):
+    """Residual, ReLU; one rounding on store; BN statistics."""
     if HAS_RES:
-        acc += load_residual(res_ptr, img, p, q, chan, mask_m, mask_n, RH, RW, RC, res_step,
-                             res_off)
+        out += load_residual(res_ptr=res_ptr, img=img, p=p, q=q, chan=chan, mask_m=mask_m,
+                             mask_n=mask_n, RH=RH, RW=RW, RC=RC, res_step=res_step,
+                             res_off=res_off)
     if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as torch.relu
+        out = tl.where(out < 0.0, 0.0, out)  # NaN stays NaN, as torch.relu
     y_mask = mask_m[:, None] & mask_n[None, :]
-    y = acc.to(y_ptr.dtype.element_ty)
+    y = out.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_m[:, None] * K + chan[None, :], y, mask=y_mask)
-    if WITH_STATS:  # (count, mean, M2) of this tile's stored outputs, per channel
+    if WITH_STATS:  # (count, mean, M2) of this tile's stored outputs: part[:, pid_m, chan]
         y = tl.where(y_mask, y.to(tl.float32), 0.0)
         cnt = tl.sum(mask_m.to(tl.float32), axis=0)
         mean = tl.sum(y, axis=0) / cnt
         m2 = tl.sum(tl.where(y_mask, (y - mean[None, :]) * (y - mean[None, :]), 0.0), axis=0)
         part = stats_ptr + pid_m * K + chan
-        tl.store(part, tl.zeros_like(mean) + cnt, mask=mask_n)
-        tl.store(part + num_pid_m * K, mean, mask=mask_n)
-        tl.store(part + 2 * num_pid_m * K, m2, mask=mask_n)
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def split_k(tiles: int, chunks_per_tap: int, taps: int, sms: int) -> int:
-    """Split-K factor (a power of two, at most 16): split the reduction while the output
-    tiles fill less than half the GPU (layer4 at small batch: 4 tiles on 132 SMs), every
-    split keeps at least one channel chunk a tap, and at least 4 chunks in all."""
-    split = 1
-    while (split * 2 <= min(16, chunks_per_tap) and tiles * split * 2 <= sms
-           and taps * chunks_per_tap >= 4 * split * 2):
-        split *= 2
-    return split
+        tl.store(part + PARTIAL_COUNT * num_pid_m * K, tl.zeros_like(mean) + cnt, mask=mask_n)
+        tl.store(part + PARTIAL_MEAN * num_pid_m * K, mean, mask=mask_n)
+        tl.store(part + PARTIAL_M2 * num_pid_m * K, m2, mask=mask_n)
 
 
 def packs_taps(c_per_group: int, s: int) -> bool:
@@ -229,24 +343,41 @@ def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv_fused(x, w, bias, *, kernel_size, stride, padding, dilation, groups, relu,
-               residual=None, res_step=1, res_off=0, shortcut=None, shortcut_stride=1,
-               shortcut_w=None, allow_tf32=True, with_stats=False, config=None, split=None):
-    """Launch ``conv_fused_kernel``. Returns y as an (N, K, P, Q) channels_last tensor; with
-    ``with_stats``, (y, partials): partials (3, T, K) fp32 holds each M-tile's per-channel
-    (count, mean, M2) of the stored y, for ``kernels.bn.bn_merge`` (T = number of M tiles).
+def _bn_args(bn: BNParams, placeholder: torch.Tensor) -> tuple:
+    """(gamma, beta, mean, var, eps) kernel arguments of a BNParams."""
+    assert (bn.weight is None) == (bn.bias is None), "BN weight and bias: both or neither"
+    return (placeholder if bn.weight is None else bn.weight,
+            placeholder if bn.bias is None else bn.bias, bn.mean, bn.var, float(bn.eps))
 
-    x: (N, C, H, W) channels_last-dense; w: (R*S*C/groups, K) contiguous; bias: (K,) fp32 or
-    None; residual: (N, RC, RH, RW) channels_last-dense or None; shortcut: the block input
-    (N, C2, H2, W2) channels_last-dense with shortcut_w (C2, K), or None. The caller validates
-    shapes, dtypes and devices (``fastres.ops``). ``config``: a ``ConvConfig`` to use instead
-    of ``pick_config``'s (autotune passes its candidates here); ``split``: a split-K factor
+
+def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None, bn=None,
+               residual=None, res_step=1, res_off=0, shortcut=None, shortcut_w=None,
+               shortcut_stride=1, shortcut_bn=None, with_stats=False, config=None, split=None):
+    """Launch ``conv_fused_kernel`` (module docstring for the math). Returns y as an
+    (N, K, P, Q) channels_last tensor of x's dtype; with ``with_stats``, (y, partials):
+    partials (3, T, K) fp32 holds each M-tile's per-channel (count, mean, M2) of the stored
+    y (rows ``bn_rows.PARTIAL``), for ``kernels.bn.bn_merge`` (T = number of M tiles).
+
+    x: (N, C, H, W) channels_last-dense, fp32/fp16/bf16; w: (K, C/groups, R, S) in the
+    kernels' layout (``kernel_weight``), x's dtype; conv_bias: (K,) or None; bn: ``BNParams``
+    or None; residual: (N, RC, RH, RW) channels_last-dense or None; shortcut: the block input
+    (N, C2, H2, W2) channels_last-dense with shortcut_w (K, C2, 1, 1) in the kernels' layout
+    and shortcut_bn its ``BNParams``, or None. ``with_stats`` (the training forward) takes
+    neither bn nor a shortcut. The caller validates shapes, dtypes and devices
+    (``fastres.ops``); the launcher decides the dot's precision (``dot_flags``) and int64
+    indexing (``needs_int64``). ``config``: a ``ConvConfig`` to use instead of
+    ``pick_config``'s (autotune passes its candidates here); ``split``: a split-K factor
     instead of ``split_k``'s (which splits only on a GPU, when the tiles cannot fill it).
     """
     args = dict(locals())
+    assert w.dtype == x.dtype and w.is_contiguous(memory_format=torch.channels_last), \
+        "w: x's dtype, channels_last (kernel_weight)"
+    assert (shortcut is None) == (shortcut_w is None) == (shortcut_bn is None), \
+        "a shortcut needs shortcut_w and shortcut_bn"
+    assert not (with_stats and (bn is not None or shortcut is not None)), \
+        "with_stats: the raw conv, without bn or a shortcut"
     n, c, h, wd = x.shape
-    r, s = kernel_size
-    k = w.shape[1]
+    k, _, r, s = w.shape
     p = out_size(h, r, stride[0], padding[0], dilation[0])
     q = out_size(wd, s, stride[1], padding[1], dilation[1])
     y = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device,
@@ -256,46 +387,52 @@ def conv_fused(x, w, bias, *, kernel_size, stride, padding, dilation, groups, re
         return (y, y.new_zeros((3, 0, k), dtype=torch.float32)) if with_stats else y
     c_g, k_g = c // groups, k // groups
     pack = packs_taps(c_g, s)
-    chunk = max(s * c_g if pack else c_g, shortcut.shape[1] if shortcut is not None else 0)
+    taps = r if pack else r * s  # reduction steps of BLOCK_K chunks: rows when packed
+    chunk = s * c_g if pack else c_g
+    if shortcut is not None and shortcut.shape[1] > chunk:
+        chunk = shortcut.shape[1]
     cfg = config or pick_config(  # autotune (FASTRES_AUTOTUNE=1) times launch(cfg)
-        m, k_g, chunk, x.element_size(), r if pack else r * s,
-        launch=lambda cfg: conv_fused(**dict(args, config=cfg)))
-    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(k_g, cfg.BLOCK_N)
+        m, k_g, chunk, x.itemsize, taps,
+        launch=lambda cfg: conv_fused(**dict(args, config=cfg)), shortcut=shortcut is not None)
+    tiles_m = -(-m // cfg.BLOCK_M)  # ceiling divisions
+    tiles = tiles_m * -(-k_g // cfg.BLOCK_N)
     if split is None:
         split = 1 if with_stats or not x.is_cuda else split_k(
-            tiles * groups, triton.cdiv(chunk, cfg.BLOCK_K), r if pack else r * s,
-            sm_count(x.device))
-    res_shape = residual.shape[1:] if residual is not None else (0, 0, 0)
-    sc_shape = shortcut.shape[1:] if shortcut is not None else (0, 0, 0)
-    big = max(t.numel() for t in (x, y, residual, shortcut) if t is not None) * split
-    precision = ("tf32" if allow_tf32 else "ieee") if x.dtype == torch.float32 else None
+            tiles * groups, -(-chunk // cfg.BLOCK_K), taps, sm_count(x.device))
     stats = part = y
     if with_stats:
-        stats = torch.empty((3, triton.cdiv(m, cfg.BLOCK_M), k), dtype=torch.float32,
-                            device=x.device)
-    if split > 1:
-        part = torch.empty((split, m, k), dtype=torch.float32, device=x.device)
+        stats = torch.empty((3, tiles_m, k), dtype=torch.float32, device=x.device)
+    if split > 1:  # a shortcut keeps its own partials: a second set of SPLIT planes
+        planes = split * (2 if shortcut is not None else 1)
+        part = torch.empty((planes, m, k), dtype=torch.float32, device=x.device)
+    rc, rh, rw = residual.shape[1:] if residual is not None else (0, 0, 0)
+    c2, h2, w2 = shortcut.shape[1:] if shortcut is not None else (0, 0, 0)
+    upcast, precision = dot_flags(x.dtype)
+    bias = x if conv_bias is None else conv_bias
+    bn_args = (x, x, x, x, 0.0) if bn is None else _bn_args(bn, x)
+    sc_args = (x, x, x, x, 0.0) if shortcut_bn is None else _bn_args(shortcut_bn, x)
+    flags = dict(HAS_BIAS=conv_bias is not None, HAS_BN=bn is not None,
+                 BN_AFFINE=bn is not None and bn.weight is not None,
+                 HAS_SHORTCUT=shortcut is not None,
+                 SC_AFFINE=shortcut_bn is not None and shortcut_bn.weight is not None,
+                 HAS_RES=residual is not None, RELU=relu,
+                 INT64=needs_int64(x, y, residual, shortcut, part if split > 1 else None))
     conv_fused_kernel[(tiles, groups, split)](
-        x, w, bias if bias is not None else w,
-        residual if residual is not None else x,
-        shortcut if shortcut is not None else x,
-        shortcut_w if shortcut_w is not None else w, y, stats, part,
+        x, w, y, bias, *bn_args,
+        x if shortcut is None else shortcut, w if shortcut_w is None else shortcut_w, *sc_args,
+        x if residual is None else residual, stats, part,
         h, wd, c, p, q, m, k, c_g, k_g,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        res_shape[1], res_shape[2], res_shape[0], res_step, res_off,
-        sc_shape[1], sc_shape[2], sc_shape[0], shortcut_stride,
-        R=r, S=s, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        HAS_SHORTCUT=shortcut is not None, RELU=relu, INT64=big > INT32_SAFE,
-        UPCAST=interpreting() and x.dtype == torch.bfloat16, PRECISION=precision,
-        WITH_STATS=with_stats,
-        GEMM=(r, s) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0),
-        PACK=pack, SPLIT=split, **cfg.kwargs(),
+        rh, rw, rc, res_step, res_off,
+        h2, w2, c2, shortcut_stride,
+        R=r, S=s, **flags, UPCAST=upcast, PRECISION=precision, WITH_STATS=with_stats,
+        GEMM=r == s == 1 and stride[0] == stride[1] == 1 and padding[0] == padding[1] == 0,
+        PACK=pack, SPLIT=split, **cfg.kwargs,
     )
     if split > 1:
-        splitk_epilogue_kernel[(triton.cdiv(m, SPLITK_BLOCK_M), triton.cdiv(k, SPLITK_BLOCK_N))](
-            part, bias if bias is not None else part, residual if residual is not None else y, y,
-            m, k, p, q, res_shape[1], res_shape[2], res_shape[0], res_step, res_off,
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
-            INT64=big > INT32_SAFE, SPLIT=split, SPLITK_BLOCK_M=SPLITK_BLOCK_M,
-            SPLITK_BLOCK_N=SPLITK_BLOCK_N)
+        splitk_epilogue_kernel[(-(-m // SPLITK_BLOCK_M), -(-k // SPLITK_BLOCK_N))](
+            part, y, bias, *bn_args, *sc_args,
+            y if residual is None else residual,
+            m, k, p, q, rh, rw, rc, res_step, res_off,
+            **flags, SPLIT=split, SPLITK_BLOCK_M=SPLITK_BLOCK_M, SPLITK_BLOCK_N=SPLITK_BLOCK_N)
     return (y, stats) if with_stats else y

@@ -52,3 +52,33 @@ class ConvCounter(torch.utils._python_dispatch.TorchDispatchMode):
         if "convolution" in func.__name__ or "conv2d" in func.__name__:
             self.convs += 1
         return func(*args, **(kwargs or {}))
+
+
+def block_pair(kind: str = "basic", inplanes: int = 8, planes: int = 16, stride: int = 2,
+               projection: bool = True, groups: int = 1, base_width: int = 64,
+               dilation: int = 1, bn_kw=None, seed: int = 0):
+    """The one block-pair fixture: a torchvision block (on the CPU) and a fastres block of
+    the same kind and state (on DEVICE), conv weights Kaiming-normal, BN statistics and
+    affine parameters random, both in train mode (call .eval() for inference)."""
+    import copy
+
+    import torchvision.models.resnet as tv
+
+    import fastres
+    torch.manual_seed(seed)
+    tv_cls, fr_cls = (tv.BasicBlock, fastres.BasicBlock) if kind == "basic" else \
+        (tv.Bottleneck, fastres.Bottleneck)
+    norm = lambda c: nn.BatchNorm2d(c, **(bn_kw or {}))  # noqa: E731
+    out = planes * tv_cls.expansion
+    down = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), norm(out)) \
+        if projection else None
+    ref = tv_cls(inplanes, planes, stride, down, groups, base_width, dilation, norm)
+    for p in ref.parameters():
+        if p.dim() == 4:
+            nn.init.kaiming_normal_(p)
+    randomize_bn(ref, seed)
+    ours = fr_cls(inplanes, planes, stride, copy.deepcopy(down), groups, base_width, dilation,
+                  norm)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict()), "state_dict keys differ"
+    return ref.train(), ours.to(DEVICE).train()

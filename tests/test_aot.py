@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fastres import aot
-from fastres.kernels import configs, conv_bwd
+from fastres.kernels import configs
 
 ROW = re.compile(r"^(\w+_kernel)\s+(.*?)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+(.*)$")
 # ResNet-50 convs at batch 1 and 256 as (M, N, C, taps) and the stem; ResNeXt's 4-channel groups.
@@ -81,35 +81,59 @@ def test_problems_flag_spills_smem_and_missing_tensor_cores():
 
 @pytest.fixture
 def gpu_configs(monkeypatch, tmp_path):
-    """``pick_config`` as on a GPU, with an empty tune cache in tmp_path."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    """``pick_config`` as on a GPU, with an empty tune cache in tmp_path; the configs picked
+    here are forgotten afterwards (``configs.reset``)."""
+    monkeypatch.setattr(configs, "INTERPRET", False)
     monkeypatch.setenv(configs.CACHE_ENV, str(tmp_path / "configs.json"))
     monkeypatch.setattr(configs, "_device", lambda: "cuda:90")
-    monkeypatch.setattr(configs, "_CACHE", {})
-    return tmp_path / "configs.json"
+    configs.reset()
+    yield tmp_path / "configs.json"
+    configs.reset()
 
 
+@pytest.mark.parametrize("shortcut", [False, True], ids=["plain", "shortcut"])
 @pytest.mark.parametrize("elem_bytes", [2, 4])
-def test_gpu_configs_come_from_the_compiled_set(gpu_configs, elem_bytes):
-    closed = set(configs.all_configs(elem_bytes))
+def test_gpu_configs_come_from_the_compiled_set(gpu_configs, elem_bytes, shortcut):
+    closed = set(configs.all_configs(elem_bytes, shortcut))
     for m, n, c, taps in RESNET_GEMMS:
-        cfg = configs.pick_config(m, n, c, elem_bytes, taps)
+        cfg = configs.pick_config(m, n, c, elem_bytes, taps, shortcut=shortcut)
         assert cfg in closed, (m, n, c, cfg)
         assert min(cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K) >= 16  # tensor-core dot shapes
         stage = (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * elem_bytes
         assert cfg.num_stages * stage <= configs.SMEM_BUDGET
-        for cand in configs.tune_candidates(m, n, c, elem_bytes):
+        for cand in configs.tune_candidates(m, n, c, elem_bytes, shortcut):
             assert cand in closed
+    if shortcut:  # the second accumulator: narrower tiles (configs' module docstring)
+        assert max(cfg.BLOCK_N for cfg in closed) == configs.SHORTCUT_N_CAP
+
+
+def test_aot_compiles_every_forward_config_and_bn_parameter_dtype():
+    """Each dtype's ``all_configs`` (with and without a shortcut) is compiled for the unpacked
+    cases; BN parameters in fp32 with every activation dtype, and in bf16/fp16 themselves."""
+    compiled, bn_dtypes = {}, set()
+    for v in aot.conv_fused_variants(quick=False):
+        act = v.args["x_ptr"][1:]
+        bn_dtypes.add((act, v.args["gamma_ptr"][1:]))
+        if not v.constexprs["PACK"]:
+            compiled.setdefault((act, v.constexprs["HAS_SHORTCUT"]), set()).add(
+                configs.ConvConfig(v.constexprs["BLOCK_M"], v.constexprs["BLOCK_N"],
+                                   v.constexprs["BLOCK_K"], v.constexprs["GROUP_M"],
+                                   v.num_warps, v.num_stages))
+    for (dt, shortcut), cfgs in compiled.items():
+        assert cfgs == set(configs.all_configs(aot.ELEM_BYTES[dt], shortcut)), (dt, shortcut)
+    assert len(compiled) == 6
+    assert bn_dtypes == {("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32"),
+                         ("bf16", "bf16"), ("fp16", "fp16")}
 
 
 @pytest.mark.parametrize("elem_bytes", [2, 4])
 def test_gpu_backward_tiles_come_from_the_compiled_sets(gpu_configs, elem_bytes):
-    dgrad, wgrad = conv_bwd.all_dgrad_configs(elem_bytes), conv_bwd.all_wgrad_blocks()
+    dgrad, wgrad = configs.all_dgrad_configs(elem_bytes), configs.all_wgrad_blocks()
     for m, k, c, _ in RESNET_GEMMS:  # dgrad's N is the forward's input channels c
-        cfg = conv_bwd.dgrad_config(m, c, k, elem_bytes)
+        cfg = configs.dgrad_config(m, c, k, elem_bytes)
         assert cfg in dgrad, (m, c, k, cfg)
         assert cfg.BLOCK_K * elem_bytes <= 128 and min(cfg.BLOCK_M, cfg.BLOCK_N) >= 16
-        assert conv_bwd.wgrad_blocks(m, c, k) in wgrad, (m, c, k)
+        assert configs.wgrad_blocks(m, c, k) in wgrad, (m, c, k)
     assert max(cfg.BLOCK_K for cfg in dgrad) == 128 // elem_bytes  # 128-byte K rows
 
 
@@ -121,12 +145,11 @@ def test_aot_compiles_exactly_the_backward_tiles():
             v.constexprs["GROUP_M"], v.num_warps, v.num_stages))
     assert set(dgrad) == {"bf16", "fp16", "fp32"}
     for dt, cfgs in dgrad.items():
-        assert cfgs == set(conv_bwd.all_dgrad_configs(aot.ELEM_BYTES[dt])), dt
-    wgrad = {tuple(sorted(dict(BLOCK_C=v.constexprs["BLOCK_C"], BLOCK_N=v.constexprs["BLOCK_N"],
-                               BLOCK_M=v.constexprs["BLOCK_M"], num_warps=v.num_warps,
-                               num_stages=v.num_stages).items()))
+        assert cfgs == set(configs.all_dgrad_configs(aot.ELEM_BYTES[dt])), dt
+    wgrad = {configs.WgradBlocks(v.constexprs["BLOCK_C"], v.constexprs["BLOCK_N"],
+                                 v.constexprs["BLOCK_M"], v.num_warps, v.num_stages)
              for v in aot.conv_wgrad_variants(quick=False)}
-    assert wgrad == {tuple(sorted(b.items())) for b in conv_bwd.all_wgrad_blocks()}
+    assert wgrad == set(configs.all_wgrad_blocks())
 
 
 def test_bucket_never_keys_on_the_exact_batch_size():
@@ -134,6 +157,7 @@ def test_bucket_never_keys_on_the_exact_batch_size():
     assert len(keys) == 1
     assert configs.bucket_key(8 * 56 * 56, 64, 64, 2, 9) not in keys
     assert configs.bucket_key(256 * 56 * 56, 64, 64, 2, 1) not in keys  # taps count
+    assert configs.bucket_key(256 * 56 * 56, 64, 64, 2, 9, shortcut=True) not in keys
 
 
 def test_autotune_persists_the_fastest_and_pick_config_reads_it(gpu_configs, monkeypatch):
@@ -153,9 +177,40 @@ def test_autotune_persists_the_fastest_and_pick_config_reads_it(gpu_configs, mon
         m, n, c, 2)  # FASTRES_AUTOTUNE unset: the heuristic, nothing timed
     assert calls == []
     monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
+    assert configs.pick_config(m, n, c, 2, 9, launch=launch) == configs.heuristic_config(
+        m, n, c, 2)  # the settings are read once: the heuristic's pick stands
+    configs.reset()  # the variable is read again
+    assert configs.pick_config(m, n, c, 2, 9) == configs.heuristic_config(m, n, c, 2)
+    assert calls == []  # nothing to time without launch; the next launch tunes
     assert configs.pick_config(m, n, c, 2, 9, launch=launch) == fastest
     assert calls == cands and gpu_configs.exists()
+    assert configs.pick_config(m, n, c, 2, 9, launch=launch) == fastest  # memoized
+    assert calls == cands
     monkeypatch.delenv(configs.AUTOTUNE_ENV)
-    monkeypatch.setattr(configs, "_CACHE", {})  # a new process: read back from the file
+    configs.reset()  # as in a new process: read back from the file
     assert configs.pick_config(200 * 28 * 28, n, c, 2, 9) == fastest
     assert configs.pick_config(m, n, c, 2, 1) == configs.heuristic_config(m, n, c, 2)
+
+
+def test_a_changed_cache_path_is_read_after_reset(gpu_configs, monkeypatch, tmp_path):
+    """The tune cache path is read once (at the first pick) and again after ``reset()``."""
+    import json
+    m, n, c = 256 * 28 * 28, 128, 128
+    heuristic = configs.heuristic_config(m, n, c, 2)
+    tuned = next(cfg for cfg in configs.tune_candidates(m, n, c, 2) if cfg != heuristic)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"cuda:90": {configs.bucket_key(m, n, c, 2, 9): {
+        k: getattr(tuned, k) for k in tuned.__dataclass_fields__}}}))
+    assert configs.pick_config(m, n, c, 2, 9) == heuristic
+    monkeypatch.setenv(configs.CACHE_ENV, str(other))
+    assert configs.pick_config(m, n, c, 2, 9) == heuristic  # memoized
+    configs.reset()
+    assert configs.pick_config(m, n, c, 2, 9) == tuned
+
+
+def test_config_memo_keys_on_what_the_config_depends_on(gpu_configs):
+    """The memo's M bucket: a power of two (tuned buckets) split at SMALL_M (heuristic)."""
+    below, at = configs.SMALL_M - 1, configs.SMALL_M
+    assert configs.pick_config(below, 64, 64, 2, 9).BLOCK_M == 64
+    assert configs.pick_config(at, 64, 64, 2, 9).BLOCK_M == 128
+    assert configs.pick_config(below, 64, 64, 2, 9).BLOCK_M == 64

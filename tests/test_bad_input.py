@@ -1,19 +1,19 @@
 """Bad and odd input: a clear error naming the problem, or the right answer; never a wrong one.
 
-Errors are raised by the checked entry point ``fastres.ops.conv_bn_act`` before any dispatch;
-results are checked on the Triton kernel and on the plain-PyTorch CPU path.
+Errors are raised by the checked entry point ``fastres.fused.conv_bn_act`` before any launch;
+blocks raise there too, or (where they run op by op) what torchvision's blocks raise.
 """
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision.models.resnet as tv
 
-import fastres
 import fastres.kernels.conv as kconv
 import fastres.ops as ops
-from helpers import DEVICE, assert_close, randomize_bn
+from fastres import fused
+from helpers import DEVICE, assert_close, block_pair, randomize_bn
 
 # A device other than the one the tensors live on: a second real device when there is one.
 OTHER_DEVICE = "cpu" if DEVICE == "cuda" else "meta"
@@ -30,124 +30,153 @@ def no_launch(monkeypatch):
 
 
 def _conv(c=8, k=16, ksz=3, groups=1, dtype=torch.float32, seed=0):
-    """Weights in the kernel's layout and in OIHW, and an fp32 bias."""
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(k, c // groups, ksz, ksz, generator=g) / (c // groups * ksz * ksz) ** 0.5)
-    w_kn = w.permute(2, 3, 1, 0).reshape(-1, k).contiguous()
-    return w_kn.to(dtype).to(DEVICE), w.to(dtype), torch.randn(k, generator=g).to(DEVICE)
+    """An eval conv (with bias) + BN on the test device."""
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(c, k, ksz, padding=ksz // 2, groups=groups)
+    bn = randomize_bn(torch.nn.BatchNorm2d(k), seed)
+    return conv.to(DEVICE, dtype).eval(), bn.to(DEVICE, dtype).eval()
 
 
-def _run(x, w_kn, bias, ksz=3, pad=1, groups=1, relu=True, **extra):
-    return ops.conv_bn_act(x, w_kn, bias, kernel_size=(ksz, ksz), stride=(1, 1),
-                           padding=(pad, pad), dilation=(1, 1), groups=groups, relu=relu,
-                           **extra)
+def _run(x, conv, bn, relu=True, **extra):
+    with torch.no_grad():
+        return fused.conv_bn_act(x, conv, bn, relu, **extra)
+
+
+def _ref(x, conv, bn, relu=True, residual=None):
+    y = copy.deepcopy(bn).cpu().double()(copy.deepcopy(conv).cpu().double()(x.cpu().double()))
+    if residual is not None:
+        y = y + residual.cpu().double()
+    return F.relu(y) if relu else y
 
 
 def _block(seed=0):
     """A torchvision BasicBlock with a projection and random BN, and its fastres twin."""
-    torch.manual_seed(seed)
-    down = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, 2, bias=False),
-                               torch.nn.BatchNorm2d(16))
-    ref = randomize_bn(tv.BasicBlock(8, 16, 2, down)).eval()
-    ours = fastres.BasicBlock(8, 16, 2, copy.deepcopy(down))
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours.eval().to(DEVICE)
+    ref, ours = block_pair("basic", 8, 16, 2, True, seed=seed)
+    return ref.eval(), ours.eval()
+
+
+def _eval_block(x):
+    with torch.no_grad():
+        return _block()[1](x)
 
 
 # --- errors -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(8, 7, 7), (1, 1, 8, 7, 7), (8,)])
 def test_wrong_rank(shape):
-    w, _, b = _conv()
+    conv, bn = _conv()
     with pytest.raises(ValueError, match=r"4-D input \(N, C, H, W\), got shape"):
-        _run(torch.randn(shape, device=DEVICE), w, b)
+        _run(torch.randn(shape, device=DEVICE), conv, bn)
     with pytest.raises(ValueError, match="4-D"):
-        _block()[1](torch.randn(shape, device=DEVICE))
+        _eval_block(torch.randn(shape, device=DEVICE))
 
 
 def test_not_a_tensor():
-    w, _, b = _conv()
+    conv, bn = _conv()
     with pytest.raises(TypeError, match="expected a torch.Tensor input, got list"):
-        _run([[1.0]], w, b)
+        _run([[1.0]], conv, bn)
     with pytest.raises(TypeError, match="expected a torch.Tensor input, got list"):
-        _block()[1]([[1.0]])
+        _eval_block([[1.0]])
 
 
 def test_channel_mismatch():
-    w, _, b = _conv(c=8)
+    conv, bn = _conv(c=8)
     with pytest.raises(ValueError, match="input has 6 channels but the conv expects 8"):
-        _run(torch.randn(2, 6, 7, 7, device=DEVICE), w, b)
+        _run(torch.randn(2, 6, 7, 7, device=DEVICE), conv, bn)
     with pytest.raises(ValueError, match="input has 3 channels but the conv expects 8"):
-        _block()[1](torch.randn(2, 3, 7, 7, device=DEVICE))
+        _eval_block(torch.randn(2, 3, 7, 7, device=DEVICE))
 
 
 def test_mixed_devices():
-    w, _, b = _conv()
+    conv, bn = _conv()
     x = torch.randn(2, 8, 7, 7, device=DEVICE)
-    with pytest.raises(ValueError, match=f"weight tensor is on {OTHER_DEVICE}"):
-        _run(x, w.to(OTHER_DEVICE), b)
-    with pytest.raises(ValueError, match=f"bias tensor is on {OTHER_DEVICE}"):
-        _run(x, w, b.to(OTHER_DEVICE))
+    with pytest.raises(ValueError, match=f"conv weight is on {OTHER_DEVICE}"):
+        _run(x, copy.deepcopy(conv).to(OTHER_DEVICE), bn)
+    with pytest.raises(ValueError, match=f"BatchNorm state is on {OTHER_DEVICE}"):
+        _run(x, conv, copy.deepcopy(bn).to(OTHER_DEVICE))
     with pytest.raises(ValueError, match=f"residual is on {OTHER_DEVICE}"):
-        _run(x, w, b, residual=torch.randn(2, 16, 7, 7, device=OTHER_DEVICE))
-    with pytest.raises(ValueError, match=f"but the input is on {OTHER_DEVICE}"):
-        _block()[1](x.to(OTHER_DEVICE))  # model on DEVICE, input elsewhere
+        _run(x, conv, bn, residual=torch.randn(2, 16, 7, 7, device=OTHER_DEVICE))
+    with pytest.raises((ValueError, RuntimeError)):
+        _eval_block(x.to(OTHER_DEVICE))  # model on DEVICE, input elsewhere: as torchvision
 
 
-def test_mixed_dtypes():
-    w, _, b = _conv()
+def test_mixed_dtypes_raise_as_pytorch_does():
+    """Outside autocast a conv's input and weight must share a dtype (PyTorch raises too); a
+    residual of another dtype is added as PyTorch's in-place add does."""
+    conv, bn = _conv()
     x = torch.randn(2, 8, 7, 7, device=DEVICE)
-    with pytest.raises(TypeError, match="residual has dtype torch.float16 but the input has "
-                                        "torch.float32"):
-        _run(x, w, b, residual=torch.randn(2, 16, 7, 7, device=DEVICE, dtype=torch.float16))
-    with pytest.raises(TypeError, match="weight tensor has dtype torch.bfloat16"):
-        _run(x, w.bfloat16(), b)
-    with pytest.raises(TypeError, match="shortcut input has dtype torch.float16"):
-        _run(x, w, b, shortcut=x.half(), shortcut_w=torch.randn(8, 16, device=DEVICE))
+    with pytest.raises(RuntimeError, match="input dtype torch.float32 and conv weight dtype "
+                                           "torch.bfloat16 should be the same"):
+        _run(x, copy.deepcopy(conv).bfloat16(), bn)
+    _, block = _block()
+    with pytest.raises(RuntimeError, match="should be the same"):
+        with torch.no_grad():
+            block(torch.randn(2, 8, 9, 9, device=DEVICE, dtype=torch.bfloat16))
+    res = torch.randn(2, 16, 7, 7, device=DEVICE, dtype=torch.float16)
+    assert_close(_run(x, conv, bn, residual=res).cpu(), _ref(x, conv, bn, residual=res),
+                 torch.float32, "fp16 residual")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int64, torch.uint8,
                                    torch.complex64, torch.bool], ids=str)
 def test_unsupported_dtypes(dtype):
-    w, _, b = _conv()
+    conv, bn = _conv()
     x = torch.ones(2, 8, 7, 7, device=DEVICE).to(dtype)
     with pytest.raises(TypeError, match=f"input dtype {dtype} is not supported; use float32"):
-        _run(x, w, b)
-    with pytest.raises(TypeError, match=f"input dtype {dtype} is not supported"):
-        _block()[1](x)
+        _run(x, conv, bn)
+    with pytest.raises(RuntimeError):  # the block runs as PyTorch does: PyTorch's error
+        with torch.no_grad():
+            _eval_block(x)
+
+
+def test_float64_model_runs_as_pytorch(path):
+    ref, ours = _block()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.double()(x.to(DEVICE)).cpu(), ref.double()(x))
 
 
 def test_spatial_smaller_than_kernel():
-    w, _, b = _conv(ksz=3)
+    conv, bn = _conv(ksz=3)
+    conv.padding = (0, 0)
     with pytest.raises(ValueError, match=r"input height 2 \(padded by 0\) is smaller than the "
                                          r"kernel's extent 3"):
-        _run(torch.randn(1, 8, 2, 5, device=DEVICE), w, b, pad=0)
+        _run(torch.randn(1, 8, 2, 5, device=DEVICE), conv, bn)
     with pytest.raises(ValueError, match="input width 1"):
-        _run(torch.randn(1, 8, 5, 1, device=DEVICE), w, b, pad=0)
+        _run(torch.randn(1, 8, 5, 1, device=DEVICE), conv, bn)
 
 
-def test_malformed_weights_bias_and_shortcut():
-    w, _, b = _conv()
+def test_mismatched_shortcut_and_residual():
+    conv, bn = _conv()
     x = torch.randn(2, 8, 7, 7, device=DEVICE)
-    with pytest.raises(ValueError, match=r"weights must be \(R\*S\*C/groups, K\)"):
-        _run(x, w[:-1], b)  # rows not a multiple of the 9 taps
-    with pytest.raises(ValueError, match="K divisible by groups=3"):
-        _run(x, w, b, groups=3)
-    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
-        _run(x, w, b[:8])
-    with pytest.raises(ValueError, match="needs both its input and its weights"):
-        _run(x, w, b, shortcut=x)
-    with pytest.raises(ValueError, match=r"shortcut weights must be \(C2, 16\)"):
-        _run(x, w, b, shortcut=x, shortcut_w=torch.randn(8, 4, device=DEVICE))
+    pconv, pbn = _conv(c=8, k=16, ksz=1)
+    with pytest.raises(ValueError, match="projection shortcut input"):
+        _run(x, conv, bn, projection=(pconv, pbn), shortcut=torch.randn(2, 4, 7, 7, device=DEVICE))
     with pytest.raises(ValueError, match="residual of shape"):
-        _run(x, w, b, residual=torch.randn(2, 16, 6, 7, device=DEVICE))
+        _run(x, conv, bn, residual=torch.randn(2, 16, 6, 7, device=DEVICE))
+
+
+def test_batchnorm_of_the_wrong_size_fails_as_in_pytorch(path):
+    """A BN whose size does not match its conv is not fused; the block then raises what
+    torchvision's raises."""
+    ref, ours = _block()
+    for block in (ref, ours):
+        block.bn1 = torch.nn.BatchNorm2d(8).eval()
+    x = torch.randn(2, 8, 9, 9)
+    with pytest.raises(RuntimeError) as expected:
+        ref(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError) as got:
+            ours.to(DEVICE)(x.to(DEVICE))
+    assert str(got.value).split("\n")[0] == str(expected.value).split("\n")[0]
 
 
 # --- odd but valid input: the right answer --------------------------------------------------
 
 def test_empty_batch_gives_empty_output_without_launch(path, no_launch):
-    w, _, b = _conv()
-    y = _run(torch.randn(0, 8, 7, 7, device=DEVICE), w, b,
+    conv, bn = _conv()
+    y = _run(torch.randn(0, 8, 7, 7, device=DEVICE), conv, bn,
              residual=torch.randn(0, 16, 7, 7, device=DEVICE))
     assert y.shape == (0, 16, 7, 7) and y.dtype == torch.float32
     _, block = _block()
@@ -169,14 +198,12 @@ def test_strided_inputs_are_correct(layout, path):
         assert_close(ours(x.to(DEVICE)).cpu(), ref(x), torch.float32, layout)
 
 
-def test_strided_residual_is_correct(path):
-    w, w_oihw, b = _conv()
-    x = torch.randn(2, 8, 7, 7)
-    res = torch.randn(2, 7, 7, 32)[..., ::2].permute(0, 3, 1, 2)  # channels strided by 2
-    y = _run(x.to(DEVICE), w, b, residual=res.to(DEVICE))
-    ref = F.relu(F.conv2d(x.double(), w_oihw.double(), b.double().cpu(), padding=1)
-                 + res.double())
-    assert_close(y.cpu(), ref, torch.float32, "strided residual")
+def test_strided_residual_is_correct():
+    conv, bn = _conv()
+    x = torch.randn(2, 8, 7, 7, device=DEVICE)
+    res = torch.randn(2, 7, 7, 32, device=DEVICE)[..., ::2].permute(0, 3, 1, 2)  # C stride 2
+    y = _run(x, conv, bn, residual=res)
+    assert_close(y.cpu(), _ref(x, conv, bn, residual=res), torch.float32, "strided residual")
 
 
 def _assert_same_nonfinite(y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -193,8 +220,8 @@ NUMPY_NAN_WARNING = "ignore:invalid value encountered:RuntimeWarning"  # the int
 
 @pytest.mark.filterwarnings(NUMPY_NAN_WARNING)
 @pytest.mark.parametrize("relu", [True, False])
-def test_nan_and_inf_propagate_as_in_pytorch(relu, path):
-    w, w_oihw, b = _conv(c=8, k=16)
+def test_nan_and_inf_propagate_as_in_pytorch(relu):
+    conv, bn = _conv(c=8, k=16)
     x = torch.randn(2, 8, 9, 9)
     x[0, 3, 4, 4] = float("nan")
     x[1, 0, 0, 0] = float("inf")
@@ -202,9 +229,8 @@ def test_nan_and_inf_propagate_as_in_pytorch(relu, path):
     res = torch.randn(2, 16, 9, 9)
     res[0, 2, 0, 8] = float("nan")
     res[1, 7, 5, 5] = float("-inf")  # -Inf then ReLU: 0, as torch.relu
-    y = _run(x.to(DEVICE), w, b, relu=relu, residual=res.to(DEVICE))
-    ref = F.conv2d(x.double(), w_oihw.double(), b.double().cpu(), padding=1) + res.double()
-    _assert_same_nonfinite(y, F.relu(ref) if relu else ref)
+    y = _run(x.to(DEVICE), conv, bn, relu=relu, residual=res.to(DEVICE))
+    _assert_same_nonfinite(y, _ref(x, conv, bn, relu, res))
 
 
 @pytest.mark.filterwarnings(NUMPY_NAN_WARNING)
@@ -228,13 +254,12 @@ def test_int64_indexing_path(monkeypatch):
     monkeypatch.setattr(kconv, "conv_fused_kernel", type("Spy", (), {
         "__getitem__": lambda self, grid: lambda *a, **k: flags.append(k["INT64"])
         or real[grid](*a, **k)})())
-    w, w_oihw, b = _conv(c=8, k=16)
+    conv, bn = _conv(c=8, k=16)
     x = torch.randn(2, 8, 7, 7)
     res = torch.randn(2, 16, 7, 7)
-    ref = F.relu(F.conv2d(x.double(), w_oihw.double(), b.double().cpu(), padding=1)
-                 + res.double())
+    ref = _ref(x, conv, bn, residual=res)
     for limit, expect in ((0, True), (x.numel(), True), (res.numel(), False)):
         monkeypatch.setattr(kconv, "INT32_SAFE", limit)
-        y = _run(x.to(DEVICE), w, b, residual=res.to(DEVICE))
+        y = _run(x.to(DEVICE), conv, bn, residual=res.to(DEVICE))
         assert flags[-1] is expect, f"INT32_SAFE={limit}: INT64 should be {expect}"
         assert_close(y.cpu(), ref, torch.float32, f"INT64={expect}")

@@ -1,20 +1,15 @@
 """fastres blocks against torchvision's, with copied weights and random BN statistics."""
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
-import torchvision.models.resnet as tv
 
 import fastres
-from fastres.blocks import conv1x1
-from helpers import DEVICE, ConvCounter, assert_close, randomize_bn
+from helpers import DEVICE, ConvCounter, assert_close, block_pair, randomize_bn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _projection(inplanes, outplanes, stride):
-    return nn.Sequential(conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes))
 
 
 # (block kind, inplanes, planes, stride, projection, groups, base_width, dilation, H)
@@ -30,19 +25,8 @@ CASES = [
 ]
 
 
-def _pair(kind, inplanes, planes, stride, projection, groups, base_width, dilation):
-    torch.manual_seed(0)
-    tv_cls, fr_cls = (tv.BasicBlock, fastres.BasicBlock) if kind == "basic" else \
-        (tv.Bottleneck, fastres.Bottleneck)
-    down = _projection(inplanes, planes * tv_cls.expansion, stride) if projection else None
-    ref = tv_cls(inplanes, planes, stride, down, groups, base_width, dilation)
-    randomize_bn(ref)
-    for p in ref.parameters():
-        if p.dim() == 4:
-            nn.init.kaiming_normal_(p)
-    ours = fr_cls(inplanes, planes, stride, copy.deepcopy(down), groups, base_width, dilation)
-    ours.load_state_dict(ref.state_dict())
-    assert list(ours.state_dict()) == list(ref.state_dict())
+def _pair(*case):
+    ref, ours = block_pair(*case)
     return ref.eval(), ours.eval()
 
 
@@ -56,7 +40,7 @@ def test_block_inference_matches_torchvision(case, dtype):
     with torch.no_grad():
         expect = ref.double()(x.double())
         with ConvCounter() as counter:
-            got = ours.to(DEVICE)(x.to(DEVICE))
+            got = ours.to(DEVICE, dtype)(x.to(DEVICE))
     assert counter.convs == 0, "a torch convolution ran inside the fused forward"
     assert got.dtype == dtype
     assert_close(got.float().cpu(), expect, dtype, f"{kind} block")
@@ -71,7 +55,9 @@ def test_train_mode_is_exactly_torchvision():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_cache_follows_parameter_and_buffer_changes():
+def test_eval_reads_live_parameters_and_buffers():
+    """Nothing is cached: in-place updates, ``.data`` writes (which do not bump version
+    counters) and load_state_dict all reach the next eval forward."""
     ref, ours = _pair("basic", 8, 16, 2, True, 1, 64, 1)
     ours.to(DEVICE)
     x = torch.randn(2, 8, 7, 7)
@@ -82,6 +68,11 @@ def test_fold_cache_follows_parameter_and_buffer_changes():
             block.downsample[1].running_var.mul_(2.0)
             block.conv2.weight.mul_(-1.0)
         assert_close(ours(x.to(DEVICE)).cpu(), ref(x), torch.float32, "after in-place changes")
+        for block in (ref, ours):
+            block.conv1.weight.data.mul_(1.5)
+            block.bn2.bias.data.add_(0.25)
+            block.downsample[1].running_mean.data.sub_(0.5)
+        assert_close(ours(x.to(DEVICE)).cpu(), ref(x), torch.float32, "after .data writes")
         state = {k: torch.randn_like(v) if v.is_floating_point() else v
                  for k, v in ref.state_dict().items()}
         state = {k: v.abs() + 0.1 if "running_var" in k else v for k, v in state.items()}
@@ -94,7 +85,7 @@ def test_eval_after_training_steps_uses_fresh_statistics():
     ref, ours = _pair("basic", 8, 8, 1, False, 1, 64, 1)
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
-        ours.eval()(x)  # fill the fold cache
+        ours.eval()(x)
         for block in (ref, ours):
             block.train()
             block(x + 1.0)
@@ -113,13 +104,20 @@ def test_eval_mode_gradients_flow_to_input_and_parameters():
         assert_close(a.grad, b.grad, torch.float32, f"grad of {name}")
 
 
-def test_convbnact_standalone():
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_convbnact_standalone(padding_mode, path):
     torch.manual_seed(0)
-    m = fastres.ConvBNAct(3, 16, 7, stride=2, padding=3)
+    m = fastres.ConvBNAct(3, 16, 7, stride=2, padding=3, padding_mode=padding_mode)
     randomize_bn(m)
     assert set(m.state_dict()) >= {"weight", "bn.weight", "bn.running_var"}
+    ref = nn.Sequential(nn.Conv2d(3, 16, 7, 2, 3, bias=False, padding_mode=padding_mode),
+                        copy.deepcopy(m.bn), nn.ReLU()).eval()
+    ref[0].weight.data.copy_(m.weight)
     x = torch.randn(2, 3, 13, 13)
-    with torch.no_grad():
-        expect = torch.relu(m.bn.eval()(nn.functional.conv2d(x, m.weight, None, 2, 3)))
-        got = m.eval()(x)
-    assert_close(got, expect, torch.float32, "ConvBNAct")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = m.eval().to(DEVICE)(x.to(DEVICE))
+    assert_close(got.cpu(), ref(x), torch.float32, "ConvBNAct")
+    warned = any("padding_mode='reflect'" in str(w.message) for w in caught)
+    assert warned == (padding_mode == "reflect" and path == "triton"), \
+        [str(w.message) for w in caught]

@@ -1,10 +1,13 @@
-"""The fused conv op against torch.nn.functional in float64, across geometries and dtypes."""
+"""The fused eval conv + BatchNorm (``fastres.fused.conv_bn_act``, the one entry point the
+blocks and the stem call) against nn.Conv2d + nn.BatchNorm2d in float64, across geometries
+and dtypes, on the Triton kernels (the plain-PyTorch path runs the modules themselves)."""
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-import fastres.ops as ops
-from helpers import DEVICE, ConvCounter, assert_close
+from fastres import fused
+from helpers import DEVICE, ConvCounter, assert_close, randomize_bn
 
 # (C, K, kernel, stride, padding, dilation, groups, H, W)
 GEOMETRIES = [
@@ -22,155 +25,135 @@ GEOMETRIES = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def conv_bn(c, k, ksz, stride=1, pad=0, dil=1, groups=1, dtype=torch.float32, bias=False,
+            seed=0, affine=True):
+    """An eval nn.Conv2d + nn.BatchNorm2d with random weights and BN state, cast to dtype."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, k, ksz, stride, pad, dil, groups, bias=bias)
+    bn = randomize_bn(nn.BatchNorm2d(k, affine=affine), seed)
+    return conv.to(DEVICE, dtype).eval(), bn.to(DEVICE, dtype).eval()
 
-def _inputs(c, k, ksz, groups, h, w, batch, dtype, seed=0):
+
+def reference(x, conv, bn, relu=True, residual=None, shortcut=None, projection=None):
+    """The modules' math in float64 on the CPU."""
+    d = lambda m: __import__("copy").deepcopy(m).cpu().double()  # noqa: E731
+    y = d(bn)(d(conv)(x.cpu().double()))
+    if projection is not None:
+        y = y + d(projection[1])(d(projection[0])(shortcut.cpu().double()))
+    if residual is not None:
+        y = y + residual.cpu().double()
+    return F.relu(y) if relu else y
+
+
+def _inputs(c, h, w, batch, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, c, h, w, generator=g).to(dtype)
-    weight = (torch.randn(k, c // groups, ksz, ksz, generator=g) / (c // groups * ksz * ksz) ** 0.5)
-    bias = torch.randn(k, generator=g)
-    return x, weight.to(dtype), bias
-
-
-def _kernel_layout(weight):
-    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
-
-
-def _run(x, weight, bias, stride, padding, dilation, groups, relu, **extra):
-    ksz = weight.shape[-1]
-    return ops.conv_bn_act(x.to(DEVICE), _kernel_layout(weight).to(DEVICE), bias.to(DEVICE),
-                           kernel_size=(ksz, ksz), stride=(stride, stride),
-                           padding=(padding, padding), dilation=(dilation, dilation),
-                           groups=groups, relu=relu, **extra)
+    return torch.randn(batch, c, h, w, generator=g).to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
-def test_conv_bias_relu(geom, dtype, path):
+def test_conv_bn_relu(geom, dtype):
     c, k, ksz, stride, pad, dil, groups, h, w = geom
-    batch = 3 if h > 1 else 1
-    x, weight, bias = _inputs(c, k, ksz, groups, h, w, batch, dtype)
-    y = _run(x, weight, bias, stride, pad, dil, groups, relu=True)
-    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, pad, dil, groups))
+    conv, bn = conv_bn(c, k, ksz, stride, pad, dil, groups, dtype)
+    x = _inputs(c, h, w, 3 if h > 1 else 1, dtype)
+    with torch.no_grad():
+        y = fused.conv_bn_act(x, conv, bn, True)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-    assert_close(y.cpu(), ref, dtype, f"conv {geom}")
+    assert_close(y.cpu(), reference(x, conv, bn), dtype, f"conv {geom}")
+
+
+@pytest.mark.parametrize("affine, bias", [(False, False), (True, True), (False, True)])
+def test_batchnorm_variants(affine, bias):
+    """affine=False BN (no gamma/beta) and a conv with its own bias, folded into the shift."""
+    conv, bn = conv_bn(8, 16, 3, 1, 1, bias=bias, affine=affine, seed=8)
+    x = _inputs(8, 7, 7, 2, torch.float32)
+    with torch.no_grad():
+        y = fused.conv_bn_act(x, conv, bn, False)
+    assert_close(y.cpu(), reference(x, conv, bn, relu=False), torch.float32, "BN variant")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_bn_params_in_fp32_with_half_activations(dtype):
+    """Under autocast the BN state stays fp32 while the conv runs in half precision."""
+    conv, bn = conv_bn(8, 16, 3, 1, 1, seed=9)
+    x = _inputs(8, 7, 7, 2, torch.float32)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype):
+        y = fused.conv_bn_act(x, conv, bn, True)
+    assert y.dtype == dtype
+    assert_close(y.cpu(), reference(x, conv, bn), dtype, "autocast")
+
+
+def test_large_gamma_tiny_variance_stays_finite_in_fp16():
+    """Nothing is folded into fp16 weights: gamma 2000 over sqrt(1e-8 + eps) scales the fp32
+    accumulator, not the weights (a folded weight would overflow to inf)."""
+    conv, bn = conv_bn(8, 16, 3, 1, 1, seed=10)
+    with torch.no_grad():
+        bn.weight[3], bn.running_var[3], bn.eps = 2000.0, 1e-8, 1e-8
+        conv.weight.mul_(1e-3)
+    conv, bn = conv.half(), bn.half()
+    x = _inputs(8, 7, 7, 2, torch.float16)
+    with torch.no_grad():
+        y = fused.conv_bn_act(x, conv, bn, True)
+    ref = reference(x, conv, bn)
+    assert torch.isfinite(ref).all()
+    assert_close(y.cpu(), ref, torch.float16, "large gamma")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_residual_add_then_relu(dtype, path):
-    x, weight, bias = _inputs(8, 16, 3, 1, 9, 9, 2, dtype, seed=1)
-    res = torch.randn(2, 16, 9, 9).to(dtype)
-    y = _run(x, weight, bias, 1, 1, 1, 1, relu=True, residual=res.to(DEVICE))
-    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 1, 1) + res.double())
-    assert_close(y.cpu(), ref, dtype, "residual")
+def test_residual_add_then_relu(dtype):
+    conv, bn = conv_bn(8, 16, 3, 1, 1, dtype=dtype, seed=1)
+    x = _inputs(8, 9, 9, 2, dtype, seed=1)
+    res = _inputs(16, 9, 9, 2, dtype, seed=11)
+    with torch.no_grad():
+        y = fused.conv_bn_act(x, conv, bn, True, residual=res)
+    assert_close(y.cpu(), reference(x, conv, bn, residual=res), dtype, "residual")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_projection_shortcut_second_gemm(dtype, path):
-    """conv3x3(y1) + conv1x1_stride2(x): the shortcut accumulates into the same tile."""
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 12, 13, 13, generator=g).to(dtype)
-    y1 = torch.randn(3, 8, 7, 7, generator=g).to(dtype)
-    w1 = (torch.randn(24, 8, 3, 3, generator=g) / 8).to(dtype)
-    w2 = (torch.randn(24, 12, 1, 1, generator=g) / 4).to(dtype)
-    bias = torch.randn(24, generator=g)
-    y = _run(y1, w1, bias, 1, 1, 1, 1, relu=True, shortcut=x.to(DEVICE),
-             shortcut_w=w2.reshape(24, 12).t().contiguous().to(DEVICE), shortcut_stride=2)
-    ref = F.relu(F.conv2d(y1.double(), w1.double(), bias.double(), 1, 1)
-                 + F.conv2d(x.double(), w2.double(), stride=2))
+def test_projection_shortcut_keeps_its_own_batchnorm(dtype):
+    """bn(conv3x3(y1)) + bn_sc(conv1x1_stride2(x)): the shortcut is a second GEMM in the same
+    kernel, with its own accumulator and BN."""
+    conv, bn = conv_bn(8, 24, 3, 1, 1, dtype=dtype, seed=2)
+    pconv, pbn = conv_bn(12, 24, 1, 2, 0, dtype=dtype, seed=3)
+    x = _inputs(12, 13, 13, 3, dtype, seed=2)
+    y1 = _inputs(8, 7, 7, 3, dtype, seed=3)
+    with torch.no_grad():
+        y = fused.conv_bn_act(y1, conv, bn, True, projection=(pconv, pbn), shortcut=x)
+    ref = reference(y1, conv, bn, shortcut=x, projection=(pconv, pbn))
     assert_close(y.cpu(), ref, dtype, "projection")
 
 
-def test_option_a_residual_pattern(path):
+def test_option_a_residual_pattern():
     """CIFAR option A: residual x[:, :, ::2, ::2] zero-padded by 4 channels on each side."""
-    x, weight, bias = _inputs(16, 16, 3, 1, 4, 4, 2, torch.float32, seed=3)
-    block_in = torch.randn(2, 8, 8, 8)
-    y = _run(x, weight, bias, 1, 1, 1, 1, relu=True, residual=block_in.to(DEVICE),
-             res_step=2, res_off=4)
-    shortcut = F.pad(block_in[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4)).double()
-    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 1, 1) + shortcut)
-    assert_close(y.cpu(), ref, torch.float32, "option A")
+    conv, bn = conv_bn(16, 16, 3, 1, 1, seed=3)
+    x = _inputs(16, 4, 4, 2, torch.float32, seed=3)
+    block_in = _inputs(8, 8, 8, 2, torch.float32, seed=4)
+    with torch.no_grad():
+        y = fused.conv_bn_act(x, conv, bn, True, residual=block_in, res_step=2, res_off=4)
+    shortcut = F.pad(block_in[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+    assert_close(y.cpu(), reference(x, conv, bn, residual=shortcut), torch.float32, "option A")
 
 
-def test_non_contiguous_and_nchw_inputs_are_correct(path):
-    x, weight, bias = _inputs(8, 16, 3, 1, 12, 12, 2, torch.float32, seed=4)
-    sliced = x[:, :, 1:10:2, ::3]  # strided view, NCHW memory
-    y = _run(sliced, weight, bias, 1, 1, 1, 1, relu=False)
-    ref = F.conv2d(sliced.double(), weight.double(), bias.double(), 1, 1)
-    assert_close(y.cpu(), ref, torch.float32, "sliced input")
+def test_non_contiguous_inputs_and_weights_in_any_layout():
+    """Any input view and any weight layout: the kernels read channels_last activations and
+    OHWI weights, made so for the call when they are not."""
+    conv, bn = conv_bn(8, 16, 3, 1, 1, seed=4)
+    x = _inputs(8, 12, 12, 2, torch.float32, seed=4)[:, :, 1:10:2, ::3]
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+            y = fused.conv_bn_act(x, conv, bn, False)
+            assert_close(y.cpu(), reference(x, conv, bn, relu=False), torch.float32, str(layout))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the interpreter dispatch")
 def test_triton_kernel_runs_and_no_torch_conv(monkeypatch):
+    import fastres.ops.conv_bn_act as op_file
     launches = []
-    real = ops.conv_fused
-    monkeypatch.setattr(ops, "conv_fused", lambda *a, **k: launches.append(1) or real(*a, **k))
-    x, weight, bias = _inputs(8, 16, 3, 1, 7, 7, 1, torch.float32)
-    with ConvCounter() as counter:
-        _run(x, weight, bias, 1, 1, 1, 1, relu=True)
+    real = op_file.conv_fused
+    monkeypatch.setattr(op_file, "conv_fused", lambda *a, **k: launches.append(1) or real(*a, **k))
+    conv, bn = conv_bn(8, 16, 3, 1, 1)
+    with torch.no_grad(), ConvCounter() as counter:
+        fused.conv_bn_act(_inputs(8, 7, 7, 1, torch.float32), conv, bn, True)
     assert launches == [1]
     assert counter.convs == 0
-
-
-def test_any_weight_layout_reaches_the_right_answer(path):
-    """The op takes (R*S*C_g, K) weights in any memory layout: contiguous (the kernel's) or the
-    transposed view of OHWI memory (what the fold gives the plain-PyTorch path)."""
-    x, weight, bias = _inputs(8, 16, 3, 1, 7, 7, 2, torch.float32, seed=5)
-    ohwi_view = weight.permute(0, 2, 3, 1).reshape(16, -1).contiguous().t()
-    y = ops.conv_bn_act(x.to(DEVICE), ohwi_view.to(DEVICE), bias.to(DEVICE), kernel_size=(3, 3),
-                        stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, relu=False)
-    ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
-    assert_close(y.cpu(), ref, torch.float32, "OHWI-view weights")
-
-
-@pytest.mark.parametrize("pack", [True, False])
-@pytest.mark.parametrize("geom", [(3, 16, 7, 2, 3, 1, 1, 13, 11), (16, 16, 3, 1, 2, 2, 4, 7, 7)],
-                         ids=["stem", "dilated-groups-of-4"])
-def test_tap_packing_on_and_off(geom, pack, monkeypatch):
-    """Few channels a group reduce over (s, c) pairs (PACK); the tap-by-tap loop stays right."""
-    import fastres.kernels.conv as kconv
-    c, k, ksz, stride, pad, dil, groups, h, w = geom
-    assert kconv.packs_taps(c // groups, ksz)
-    monkeypatch.setattr(kconv, "packs_taps", lambda c_g, s: pack)
-    x, weight, bias = _inputs(c, k, ksz, groups, h, w, 2, torch.float32, seed=6)
-    y = _run(x, weight, bias, stride, pad, dil, groups, relu=False)
-    ref = F.conv2d(x.double(), weight.double(), bias.double(), stride, pad, dil, groups)
-    assert_close(y.cpu(), ref, torch.float32, f"pack={pack}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("split", [2, 3])
-def test_split_k_with_every_epilogue(split, dtype):
-    """Split-K (layer4 at small batch): partial sums in fp32, added in order by the epilogue
-    kernel with bias, projection shortcut, residual and ReLU; deterministic."""
-    from fastres.kernels.conv import conv_fused
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 40, 5, 5, generator=g).to(dtype)
-    block_in = torch.randn(2, 24, 9, 9, generator=g).to(dtype)
-    weight = (torch.randn(32, 40, 3, 3, generator=g) / 19).to(dtype)
-    w2 = (torch.randn(32, 24, 1, 1, generator=g) / 5).to(dtype)
-    bias = torch.randn(32, generator=g)
-    cl = torch.channels_last
-    kw = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
-              relu=True, shortcut=block_in.to(DEVICE).contiguous(memory_format=cl),
-              shortcut_stride=2, shortcut_w=w2.reshape(32, 24).t().contiguous().to(DEVICE),
-              split=split)
-    xs = x.to(DEVICE).contiguous(memory_format=cl)
-    y = conv_fused(xs, _kernel_layout(weight).to(DEVICE), bias.to(DEVICE), **kw)
-    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
-                 + F.conv2d(block_in.double(), w2.double(), stride=2))
-    assert_close(y.cpu(), ref, dtype, f"split {split}")
-    again = conv_fused(xs, _kernel_layout(weight).to(DEVICE), bias.to(DEVICE), **kw)
-    assert torch.equal(y, again)
-    res = torch.randn(2, 32, 5, 5, generator=g).to(dtype)
-    kw.update(shortcut=None, shortcut_w=None, residual=res.to(DEVICE).contiguous(memory_format=cl))
-    y = conv_fused(xs, _kernel_layout(weight).to(DEVICE), bias.to(DEVICE), **kw)
-    ref = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), 1, 1) + res.double())
-    assert_close(y.cpu(), ref, dtype, f"split {split} residual")
-
-
-def test_split_k_heuristic():
-    from fastres.kernels.conv import split_k
-    assert split_k(tiles=4, chunks_per_tap=8, taps=9, sms=132) == 8   # layer4 3x3, batch 1
-    assert split_k(tiles=4, chunks_per_tap=32, taps=1, sms=132) == 8  # layer4 1x1 2048->512
-    assert split_k(tiles=400, chunks_per_tap=8, taps=9, sms=132) == 1  # batch 256 fills the GPU
-    assert split_k(tiles=4, chunks_per_tap=1, taps=9, sms=132) == 1   # one chunk a tap

@@ -1,5 +1,6 @@
 """fastres.convert on torchvision models: same parameters, same keys, same outputs."""
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -8,7 +9,6 @@ import torch.nn as nn
 import torchvision
 
 import fastres
-from fastres.blocks import ConvBNAct
 from helpers import DEVICE, ConvCounter, assert_close, randomize_bn
 
 
@@ -47,9 +47,24 @@ def test_parameters_shared_and_state_dict_unchanged():
     assert list(after) == list(before)
     assert all(after[k] is before[k] for k in before), "convert must share, not copy"
     assert {id(p) for p in model.parameters()} == params
-    assert isinstance(model.conv1, ConvBNAct)
-    assert all(type(b) is fastres.BasicBlock for layer in
-               (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer)
+    assert type(model.conv1) is nn.Conv2d and type(model.bn1) is nn.BatchNorm2d
+    assert type(model.relu) is nn.ReLU, "the stem keeps torchvision's modules"
+    assert isinstance(model, torchvision.models.ResNet)
+    assert all(isinstance(b, torchvision.models.resnet.BasicBlock)
+               and isinstance(b, fastres.FusedBlock)
+               for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
+               for b in layer)
+
+
+def test_converted_model_pickles_and_deepcopies():
+    model = fastres.convert(_tv("resnet18"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expect = model(x)
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert type(clone) is type(model)
+            assert type(clone.layer1[0]) is type(model.layer1[0])
+            assert_close(clone(x), expect, torch.float32, "clone")
 
 
 def test_idempotent_and_torchvision_checkpoint_loads():
@@ -80,7 +95,7 @@ def test_unknown_blocks_are_left_alone_and_reported():
 def test_data_parallel_wrapped_model():
     ref = _tv("resnet18")
     wrapped = fastres.convert(nn.DataParallel(copy.deepcopy(ref)))
-    assert type(wrapped.module.layer1[0]) is fastres.BasicBlock
+    assert isinstance(wrapped.module.layer1[0], fastres.FusedBlock)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert_close(wrapped.module(x), ref(x), torch.float32, "DataParallel")
@@ -89,8 +104,7 @@ def test_data_parallel_wrapped_model():
 def test_converted_stem_trains_like_torchvision():
     ref = _tv("resnet18").train()
     model = fastres.convert(copy.deepcopy(ref)).train()
-    x = torch.randn(2, 3, 32, 32)
-    stem = model.relu(model.bn1(model.conv1(x)))  # bn1/relu are identities after conv1
-    assert_close(stem, ref.relu(ref.bn1(ref.conv1(x))), torch.float32, "train-mode stem")
-    torch.testing.assert_close(model.bn1.running_mean, ref.bn1.running_mean)
+    x = torch.randn(4, 3, 64, 64)  # 2x2 maps at layer4: BN over 16 values, not 2
+    assert_close(model.to(DEVICE)(x.to(DEVICE)).cpu(), ref(x), torch.float32, "train mode")
+    torch.testing.assert_close(model.bn1.running_mean.cpu(), ref.bn1.running_mean)
     assert int(model.bn1.num_batches_tracked) == 1

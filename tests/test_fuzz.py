@@ -1,5 +1,6 @@
-"""Property tests: the fused op, fed by the real BN folding, against torch.nn.functional in
-float64 over random conv geometry, dtypes, epilogues and BatchNorm statistics.
+"""Property tests: the fused eval conv + BN entry point (``fastres.fused.conv_bn_act``, fed
+the live modules) against torch.nn.functional in float64 over random conv geometry, dtypes,
+epilogues and BatchNorm statistics.
 
 Each example draws kernel (R, S), stride, padding, dilation, groups, channels per group,
 odd spatial sizes, a dtype, ReLU on/off, an epilogue (none, residual, option-A residual,
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fastres
-import fastres.ops as ops
-from fastres.fold import folded
+from fastres import fused
+from fastres.kernels.conv import out_size
 from helpers import DEVICE, assert_close
 
 BUDGET = int(os.environ.get("FASTRES_FUZZ_EXAMPLES", "0"))
@@ -75,7 +76,7 @@ def _case_tensors(case):
                           / (conv.weight[0].numel() ** 0.5))
     bn = _random_bn(k, case["eps"], g)
     x = torch.randn(n, c, *case["size"], generator=g).to(case["dtype"])
-    p, q = (ops.out_size(case["size"][i], case["kernel"][i], case["stride"][i],
+    p, q = (out_size(case["size"][i], case["kernel"][i], case["stride"][i],
                          case["padding"][i], case["dilation"][i]) for i in (0, 1))
     extra, projection = {}, None
     step = case["step"]
@@ -112,14 +113,15 @@ def _reference(case, conv, bn, projection, x, extra):
 
 
 def _fused(case, conv, bn, projection, x, extra):
-    w, bias, w2 = folded(conv, bn, case["dtype"], projection)
+    """The conv (and projection conv) in the case's dtype, BN state in fp32, as autocast or
+    a half-precision conv with fp32 BN would have them."""
     extra = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t
              for name, t in extra.items()}
-    return ops.conv_bn_act(x.to(DEVICE), w.to(DEVICE), bias.to(DEVICE),
-                           kernel_size=conv.kernel_size, stride=conv.stride,
-                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                           relu=case["relu"], shortcut_w=None if w2 is None else w2.to(DEVICE),
-                           **extra)
+    if projection is not None:
+        del extra["shortcut_stride"]
+        extra["projection"] = (projection[0].to(DEVICE, case["dtype"]), projection[1].to(DEVICE))
+    return fused.conv_bn_act(x.to(DEVICE), conv.to(DEVICE, case["dtype"]), bn.to(DEVICE),
+                             case["relu"], **extra)
 
 
 @FUZZ
@@ -137,10 +139,10 @@ def test_fused_conv_bn_matches_functional(case):
 def test_repeated_runs_are_bit_identical(dtype):
     """Inference is deterministic: no atomics, a fixed reduction order per config."""
     torch.manual_seed(0)
-    model = fastres.models.CifarResNet(1).eval().to(DEVICE)
+    model = fastres.models.CifarResNet(1).eval().to(DEVICE, dtype)
     x = torch.randn(3, 3, 9, 9).to(DEVICE, dtype)
-    with torch.no_grad():  # the blocks run in the input's dtype
-        first = model.layer3(model.layer2(model.layer1(model.conv1(x))))
+    with torch.no_grad():
+        first = model.layer3(model.layer2(model.layer1(fused.stem(model, x))))
         for _ in range(2):
-            again = model.layer3(model.layer2(model.layer1(model.conv1(x))))
+            again = model.layer3(model.layer2(model.layer1(fused.stem(model, x))))
             assert torch.equal(again, first), "same input, different bits"

@@ -18,9 +18,9 @@ import torchvision.models.resnet as tv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
-import fastres.fold
 import fastres.kernels.conv as kconv
 import fastres.ops as ops
+import fastres.ops.conv_bn_act as eval_op
 from helpers import DEVICE, assert_close, randomize_bn
 
 CONVS = 7  # fused convs of CifarResNet(1): the stem and two per block
@@ -29,11 +29,12 @@ CONVS = 7  # fused convs of CifarResNet(1): the stem and two per block
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Counts runs of the fused op's implementation (kernel or plain-PyTorch path)."""
+    """Counts launches of the fused conv by the eval op and the training conv op."""
+    import fastres.ops.conv_train as train_op
     calls = []
-    for name in ("conv_fused", "_reference"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name,
+    for module in (eval_op, train_op):
+        real = module.conv_fused
+        monkeypatch.setattr(module, "conv_fused",
                             lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     return calls
 
@@ -60,8 +61,8 @@ def test_compile_fullgraph(mode, path, op_calls):
         compiled_calls = len(op_calls)
         expect = ref(x)
     assert_close(got.cpu(), expect.cpu(), torch.float32, f"compiled ({mode})")
-    if mode == "eval":
-        assert compiled_calls == CONVS, "every conv must run as the fastres op, not decomposed"
+    assert compiled_calls == (CONVS if path == "triton" else 0), \
+        "on the kernels every conv must run as a fastres op, not decomposed"
     for (name, a), b in zip(model.named_buffers(), ref.buffers()):
         torch.testing.assert_close(a, b, msg=f"buffer {name} after a compiled {mode} step")
 
@@ -92,12 +93,17 @@ def test_compiled_eval_gradients():
 
 
 def test_export_with_dynamic_batch(path, op_calls):
+    """Exported for inference (no_grad: an eval forward that records autograd runs op by op),
+    every conv is a fastres op on the kernels' path; on the plain path torchvision's ops."""
     model = _resnet8()
     batch = torch.export.Dim("batch", min=1, max=64)
-    ep = torch.export.export(model, (_x(2, 3, 8, 8),), dynamic_shapes=({0: batch},))
+    with torch.no_grad():
+        ep = torch.export.export(model, (_x(2, 3, 8, 8),), dynamic_shapes=({0: batch},))
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.fastres.conv_bn_act.default) == CONVS
-    assert not any("convolution" in str(t) for t in targets), "a conv left the fused op"
+    fused_convs = targets.count(torch.ops.fastres.conv_bn_act.default)
+    assert fused_convs == (CONVS if path == "triton" else 0)
+    if path == "triton":
+        assert not any("convolution" in str(t) for t in targets), "a conv left the fused op"
     x = _x(5, 3, 8, 8)
     with torch.no_grad():
         assert_close(ep.module()(x).cpu(), model(x).cpu(), torch.float32, "exported, batch 5")
@@ -125,8 +131,8 @@ def test_autocast(dtype, path):
 
 
 def test_inference_mode_then_autograd(path):
-    """The fold cached under inference_mode is an ordinary tensor: a later forward with
-    autograd still works and gives the right gradients."""
+    """A forward under inference_mode, then one with autograd on a frozen net (gradient to
+    the input only): nothing from the first leaks into the second."""
     ref, ours = _tv_bottleneck()
     x = torch.randn(2, 16, 9, 9)
     with torch.inference_mode():
@@ -134,7 +140,7 @@ def test_inference_mode_then_autograd(path):
     assert got.is_inference()
     assert_close(got.cpu(), ref(x), torch.float32, "inference_mode")
     for p in ours.parameters():
-        p.requires_grad_(False)  # frozen net: the cached fold is used, gradient to x only
+        p.requires_grad_(False)  # frozen net, gradient to x only
     xo, xr = x.clone().to(DEVICE).requires_grad_(), x.clone().requires_grad_()
     ours(xo).square().sum().backward()
     ref(xr).square().sum().backward()
@@ -156,7 +162,8 @@ class OpLog(TorchDispatchMode):
 def test_host_side_is_capture_safe(monkeypatch):
     """What CUDA-graph capture needs of the host code, checked without a GPU: after warm-up a
     forward reads no value back (no .item()), recomputes no fold, and allocates exactly one
-    output per conv (the same every call); only the launch itself is stubbed out."""
+    output per conv (the same every call) and computes nothing on the host (BatchNorm is
+    applied in the kernel from the live buffers); only the launch itself is stubbed out."""
     if not ops.uses_triton(torch.empty(0, device=DEVICE)):
         pytest.skip("checks the Triton dispatch")
     model = fastres.warmup(_resnet8(), [(2, 3, 8, 8)])
@@ -164,12 +171,12 @@ def test_host_side_is_capture_safe(monkeypatch):
     monkeypatch.setattr(kconv, "conv_fused_kernel", type("Stub", (), {
         "__getitem__": lambda self, grid: lambda *a, **k: launches.append(grid)})())
     inner = OpLog()
-    real = ops.conv_fused
+    real = eval_op.conv_fused
 
     def logged(*args, **kwargs):
         with inner:
             return real(*args, **kwargs)
-    monkeypatch.setattr(ops, "conv_fused", logged)
+    monkeypatch.setattr(eval_op, "conv_fused", logged)
     logs = []
     for _ in range(2):
         inner.ops.clear()
@@ -182,22 +189,6 @@ def test_host_side_is_capture_safe(monkeypatch):
     assert outer1.count("fastres.conv_bn_act.default") == CONVS
     assert not any(s in op for op in outer1 for s in ("_local_scalar_dense", "rsqrt", "nonzero"))
     assert len(launches) == 2 * CONVS
-
-
-def test_fold_is_recorded_not_cached_while_capturing(monkeypatch):
-    """During capture the fold runs from the live parameters (so it is part of the graph)
-    and leaves the eager cache alone."""
-    model = fastres.warmup(_resnet8(), [(2, 3, 8, 8)])
-    conv, bn = model.layer1[0].conv1, model.layer1[0].bn1
-    with torch.no_grad():
-        cached = fastres.fold.folded(conv, bn, torch.float32)
-    monkeypatch.setattr(fastres.fold, "capturing", lambda: True)
-    with torch.no_grad(), OpLog() as log:
-        model(_x(2, 3, 8, 8))
-    assert log.ops.count("aten.rsqrt.default") == CONVS
-    monkeypatch.setattr(fastres.fold, "capturing", lambda: False)
-    with torch.no_grad():
-        assert fastres.fold.folded(conv, bn, torch.float32)[0] is cached[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -219,7 +210,7 @@ def test_cuda_graph_capture_and_replay():
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(static_y, model(x)), "replay differs from eager"
-        model.layer1[0].bn1.running_var.mul_(4.0)  # the graph folds the live parameters
+        model.layer1[0].bn1.running_var.mul_(4.0)  # the kernels read the live buffers
         graph.replay()
         assert torch.equal(static_y, model(static_x)), "replay after an in-place update"
 
@@ -253,8 +244,8 @@ def test_timm_resnet(block, kw):
     ref = _timm_resnet(block, **kw)
     model = fastres.convert(copy.deepcopy(ref)).to(DEVICE)
     assert list(model.state_dict()) == list(ref.state_dict())
-    assert isinstance(model.conv1, fastres.ConvBNAct) and isinstance(model.act1, nn.Identity)
-    blocks = [m for m in model.modules() if isinstance(m, (fastres.BasicBlock, fastres.Bottleneck))]
+    assert type(model.conv1) is nn.Conv2d and type(model.act1) is nn.ReLU  # timm's stem stays
+    blocks = [m for m in model.modules() if isinstance(m, fastres.FusedBlock)]
     assert len(blocks) == 4
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -273,20 +264,20 @@ def test_timm_registered_models_convert_fully(name, blocks):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastres.convert(model)
-    assert sum(isinstance(m, (fastres.BasicBlock, fastres.Bottleneck))
-               for m in model.modules()) == blocks
+    assert sum(isinstance(m, fastres.FusedBlock) for m in model.modules()) == blocks
     assert list(model.state_dict()) == keys
 
 
-def test_timm_block_with_attention_is_left_alone():
+def test_timm_block_with_attention_runs_timms_forward(path):
+    """A timm block with squeeze-excitation converts, and at each call runs timm's own
+    forward (with a warning naming the reason) since the kernels have no SE."""
     ref = _timm_resnet("BasicBlock", block_args=dict(attn_layer="se"))
-    model = copy.deepcopy(ref)
-    with pytest.warns(UserWarning, match="timm.models.resnet.BasicBlock"):
-        fastres.convert(model)
-    assert not any(isinstance(m, fastres.BasicBlock) for m in model.modules())
+    model = fastres.convert(copy.deepcopy(ref)).to(DEVICE)
     x = torch.randn(1, 3, 16, 16)
-    with torch.no_grad():
-        assert_close(model.to(DEVICE)(x.to(DEVICE)).cpu(), ref(x), torch.float32, "timm SE")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_close(model(x.to(DEVICE)).cpu(), ref(x), torch.float32, "timm SE")
+    assert any("se is a" in str(w.message) for w in caught) == (path == "triton")
 
 
 def test_data_parallel():
@@ -307,7 +298,7 @@ def test_distributed_data_parallel(tmp_path):
         ref = _tv_bottleneck()[0]
         model = fastres.convert(nn.parallel.DistributedDataParallel(
             nn.Sequential(copy.deepcopy(ref)).to(DEVICE)))
-        assert isinstance(model.module[0], fastres.Bottleneck)
+        assert isinstance(model.module[0], fastres.FusedBlock)
         x = torch.randn(2, 16, 9, 9)
         with torch.no_grad():
             assert_close(model(x.to(DEVICE)).cpu(), ref(x), torch.float32, "DDP")

@@ -5,15 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torchvision.models.resnet as tv
 
 import fastres
-from fastres import training
-from fastres.blocks import conv1x1
 from fastres.kernels.bn import MERGE_ROWS, REDUCE_ROWS, bn_bwd_reduce, bn_merge
 from fastres.kernels.conv import conv_fused
 from fastres.kernels.conv_bwd import conv_dgrad, conv_wgrad
-from helpers import DEVICE, REL_TOL, ConvCounter, assert_close, rel_err
+from helpers import DEVICE, REL_TOL, ConvCounter, assert_close, block_pair, rel_err
 
 # Gradients pass through more roundings than outputs. In half precision, a ReLU input that
 # rounds to the other side of zero flips one mask element, which moves a gradient of n
@@ -49,16 +46,13 @@ def test_dgrad_wgrad_kernels_match_autograd(case):
     y = nn.functional.conv2d(x, w, None, stride, pad, dil, groups)
     dy = torch.randn_like(y)
     y.backward(dy)
-    geo = dict(kernel_size=(r, r), stride=(stride, stride), padding=(pad, pad),
-               dilation=(dil, dil), groups=groups)
-    w_kn = w.detach().float().permute(2, 3, 1, 0).reshape(-1, k).contiguous().to(DEVICE)
-    x_cl, dy_cl = (t.detach().float().to(DEVICE).contiguous(memory_format=torch.channels_last)
-                   for t in (x, dy))
-    dx = conv_dgrad(dy_cl, w_kn, x.shape, **geo)
+    geo = dict(stride=(stride, stride), padding=(pad, pad), dilation=(dil, dil), groups=groups)
+    w_cl, x_cl, dy_cl = (t.detach().float().to(DEVICE).contiguous(memory_format=torch.channels_last)
+                         for t in (w, x, dy))
+    dx = conv_dgrad(dy_cl, w_cl, x.shape, **geo)
     assert_close(dx.cpu(), x.grad, torch.float32, "dgrad")
     for split in (None, 3):  # split-K partials summed in order
-        dw = conv_wgrad(x_cl, dy_cl, split=split, **geo)
-        dw = dw.view(r, r, c // groups, k).permute(3, 2, 0, 1)
+        dw = conv_wgrad(x_cl, dy_cl, kernel_size=(r, r), split=split, **geo)
         assert_close(dw.cpu(), w.grad, torch.float32, f"wgrad split={split}")
 
 
@@ -68,9 +62,9 @@ def test_batch_statistics_survive_a_large_mean():
     formula keeps it."""
     torch.manual_seed(0)
     x = (1000 + torch.randn(4, 16, 32, 32)).to(DEVICE).contiguous(memory_format=torch.channels_last)
-    w = torch.full((16, 4), 1 / 16, device=DEVICE)
-    y, partials = conv_fused(x, w, None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
-                             dilation=(1, 1), groups=1, relu=False, with_stats=True)
+    w = torch.full((4, 16, 1, 1), 1 / 16, device=DEVICE)
+    y, partials = conv_fused(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                             relu=False, with_stats=True)
     y64 = y.double().cpu()
     var = y64.var((0, 2, 3), unbiased=False)
     for rows in (MERGE_ROWS, 3):  # one pass; a tree of passes
@@ -100,22 +94,10 @@ def test_bn_backward_reductions(max_rows):
 
 def _pair(kind, inplanes, planes, stride, projection, groups, base_width, dilation, bn_kw,
           dtype=torch.float64):
-    """A torchvision block (in ``dtype``) and a fastres copy (fp32), random BN affine."""
-    torch.manual_seed(0)
-    norm = lambda c: nn.BatchNorm2d(c, **bn_kw)
-    tv_cls, fr_cls = (tv.BasicBlock, fastres.BasicBlock) if kind == "basic" else \
-        (tv.Bottleneck, fastres.Bottleneck)
-    out = planes * tv_cls.expansion
-    down = nn.Sequential(conv1x1(inplanes, out, stride), norm(out)) if projection else None
-    ref = tv_cls(inplanes, planes, stride, down, groups, base_width, dilation, norm)
-    for m in ref.modules():
-        if isinstance(m, nn.BatchNorm2d) and m.affine:
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
-    ours = fr_cls(inplanes, planes, stride, copy.deepcopy(down), groups, base_width, dilation,
-                  norm)
-    ours.load_state_dict(ref.state_dict())
-    return ref.to(dtype).train(), ours.to(DEVICE).train()
+    """A torchvision block (in ``dtype``, CPU) and a fastres copy (fp32, DEVICE), train mode."""
+    ref, ours = block_pair(kind, inplanes, planes, stride, projection, groups, base_width,
+                           dilation, bn_kw)
+    return ref.to(dtype), ours
 
 
 def _step(ref, ours, x, dtype, steps=3, lr=0.1):
@@ -245,7 +227,7 @@ def test_cifar_resnet20_trains_like_the_reference(monkeypatch):
     losses = {}
     for name, model, dtype in (("ours", ours, torch.float32), ("ref", ref, torch.float64)):
         if name == "ref":  # op by op, as torchvision: no fused training kernels
-            monkeypatch.setattr(training, "runs_fused", lambda *args: False)
+            monkeypatch.setattr(fastres.ops, "uses_triton", lambda t: False)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         dev = DEVICE if name == "ours" else "cpu"
         with ConvCounter() as counter:
@@ -265,8 +247,8 @@ def test_training_ops_pass_opcheck():
     torch.manual_seed(0)
     cl = torch.channels_last
     x = torch.randn(2, 4, 5, 5, device=DEVICE).contiguous(memory_format=cl).requires_grad_()
-    w = torch.randn(9 * 4, 8, device=DEVICE, requires_grad=True)
-    geo = ([3, 3], [1, 1], [1, 1], [1, 1], 1)
+    w = torch.randn(8, 4, 3, 3, device=DEVICE).contiguous(memory_format=cl).requires_grad_()
+    geo = ([1, 1], [1, 1], [1, 1], 1)
     torch.library.opcheck(torch.ops.fastres.conv_train, (x, w) + geo)
     raw, merged = torch.ops.fastres.conv_train(x.detach(), w.detach(), *geo)
     buffers = (torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE), None)
@@ -291,3 +273,22 @@ def test_block_training_step_under_torch_compile():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     for (name, b), c in zip(ours.named_buffers(), eager.buffers()):
         torch.testing.assert_close(b, c, msg=name)
+
+
+def test_double_backward_raises_and_unfused_is_exact():
+    """create_graph=True through the training kernels raises (their backward has no graph);
+    inside fastres.unfused() the same model runs op by op and matches torchvision."""
+    ref, ours = _pair("basic", 8, 16, 2, True, 1, 64, 1, {})
+    x = torch.randn(2, 8, 7, 7)
+    params = list(ours.parameters())
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ours(x.to(DEVICE)).square().sum(), params, create_graph=True)
+    penalties = []
+    for model, xs, ps in ((ref, x.double(), list(ref.parameters())),
+                          (ours, x.to(DEVICE), params)):
+        with fastres.unfused():
+            grads = torch.autograd.grad(model(xs).square().sum(), ps, create_graph=True)
+            sum(g.square().sum() for g in grads).backward()
+        penalties.append([p.grad for p in ps])
+    for (name, _), a, b in zip(ours.named_parameters(), *penalties[::-1]):
+        assert_close(a.cpu(), b, torch.float32, f"penalty grad of {name}")
