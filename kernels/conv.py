@@ -151,43 +151,54 @@ def conv_fused_kernel(
         offs_m = offs_m.to(tl.int64)
     img, p, q = pixel_coords(offs_m, P, Q)
 
-    # Main conv: taps (r, s), then chunks of the group's input channels; with PACK, rows r,
-    # then chunks of the (s, c) pairs of a row (weight offsets r*S*C_G + s*C_G + c).
+    # Main conv: ONE loop over (tap, channel chunk) steps, taps (r, s) outer, chunks of the
+    # group's input channels inner; with PACK, over (row r, chunk of the row's (s, c) pairs)
+    # (weight offsets r*S*C_G + s*C_G + c). Flat, not `for r: for s: for c0:`: Triton
+    # software-pipelines only the innermost loop of a nest and drains it after each outer
+    # iteration, so with 1-2 chunks a tap nothing would overlap (sm_90a TTGIR:
+    # warp_group_dot_wait {pendings = 0} + async_wait {num = 0} per tap). Split-K: this
+    # program takes chunks sk, sk + SPLIT, ... of each tap, STEPS = ceil(chunks / SPLIT) a
+    # tap; a step past the last chunk (chunks not a multiple of SPLIT) loads nothing (masked)
+    # and adds zeros. The bound is a scalar of the arguments, never of tl.program_id (the
+    # Triton 3.6 interpreter cannot take a tensor range bound).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(R):
-        ih = p * stride_h - pad_h + r * dil_h
-        if PACK:  # few channels a group: one K axis over (s, c), so MMA lanes are not padding
+    ih0 = p * stride_h - pad_h
+    iw0 = q * stride_w - pad_w
+    img_h = img * H
+    if PACK:  # few channels a group: one K axis over (s, c), so MMA lanes are not padding
+        STEPS = tl.cdiv(tl.cdiv(S * C_G, BLOCK_K), SPLIT)
+        for it in range(0, R * STEPS):
+            r = it // STEPS
+            ks = ((it % STEPS) * SPLIT + sk) * BLOCK_K + offs_k
+            ih = ih0 + r * dil_h
             row_ok = mask_m & (ih >= 0) & (ih < H)
-            x_row = (img * H + ih) * W
-            iw0 = q * stride_w - pad_w
-            for k0 in range(sk * BLOCK_K, S * C_G, SPLIT * BLOCK_K):
-                ks = k0 + offs_k
-                k_ok = ks < S * C_G
-                iw = iw0[:, None] + (ks // C_G)[None, :] * dil_w
-                a = tl.load(x_ptr + (x_row[:, None] + iw) * C + g * C_G + (ks % C_G)[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :] & (iw >= 0) & (iw < W),
-                            other=0.0)
-                b = tl.load(w_ptr + w_col[None, :] + (r * S * C_G + ks)[:, None],
-                            mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-                acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
-        else:
-            for s in range(S):
-                iw = q * stride_w - pad_w + s * dil_w
-                if GEMM:  # 1x1, stride 1, no padding: output pixel m reads input pixel m
-                    pix_ok = mask_m
-                    x_row = offs_m * C + g * C_G
-                else:
-                    pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                    x_row = ((img * H + ih) * W + iw) * C + g * C_G
-                w_row = (r * S + s) * C_G
-                for c0 in range(sk * BLOCK_K, C_G, SPLIT * BLOCK_K):
-                    cs = c0 + offs_k
-                    c_ok = cs < C_G
-                    a = tl.load(x_ptr + x_row[:, None] + cs[None, :],
-                                mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                    b = tl.load(w_ptr + w_col[None, :] + (w_row + cs)[:, None],
-                                mask=c_ok[:, None] & mask_n[None, :], other=0.0)
-                    acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+            k_ok = ks < S * C_G
+            iw = iw0[:, None] + (ks // C_G)[None, :] * dil_w
+            x_row = (img_h + ih) * W
+            a = tl.load(x_ptr + (x_row[:, None] + iw) * C + g * C_G + (ks % C_G)[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :] & (iw >= 0) & (iw < W), other=0.0)
+            b = tl.load(w_ptr + w_col[None, :] + (r * S * C_G + ks)[:, None],
+                        mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+    else:
+        STEPS = tl.cdiv(tl.cdiv(C_G, BLOCK_K), SPLIT)
+        for it in range(0, R * S * STEPS):
+            tap = it // STEPS
+            cs = ((it % STEPS) * SPLIT + sk) * BLOCK_K + offs_k
+            c_ok = cs < C_G
+            if GEMM:  # 1x1, stride 1, no padding: output pixel m reads input pixel m
+                pix_ok = mask_m
+                x_row = offs_m * C + g * C_G
+            else:
+                ih = ih0 + (tap // S) * dil_h
+                iw = iw0 + (tap % S) * dil_w
+                pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_row = ((img_h + ih) * W + iw) * C + g * C_G
+            a = tl.load(x_ptr + x_row[:, None] + cs[None, :],
+                        mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + w_col[None, :] + (tap * C_G + cs)[:, None],
+                        mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+            acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT > 1:  # fp32 partial sums; splitk_epilogue_kernel adds them up in order

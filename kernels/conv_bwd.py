@@ -44,25 +44,29 @@ def conv_dgrad_kernel(
         offs_m = offs_m.to(tl.int64)
     img, h, v = pixel_coords(offs_m, H, W)  # input pixels
 
+    # ONE loop over (tap, chunk of the group's output channels) steps, taps outer: Triton
+    # pipelines only the innermost loop of a nest (conv.py's main loop says why).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(R):
-        hp = h + pad_h - r * dil_h
+    hp0 = h + pad_h
+    vq0 = v + pad_w
+    STEPS = tl.cdiv(K_G, BLOCK_K)
+    for it in range(0, R * S * STEPS):
+        tap = it // STEPS
+        ks = (it % STEPS) * BLOCK_K + offs_k
+        k_ok = ks < K_G
+        hp = hp0 - (tap // S) * dil_h
+        vq = vq0 - (tap % S) * dil_w
         p = hp // stride_h
-        ok_h = (hp >= 0) & (hp % stride_h == 0) & (p < P)
-        for s in range(S):
-            vq = v + pad_w - s * dil_w
-            q = vq // stride_w
-            ok = mask_m & ok_h & (vq >= 0) & (vq % stride_w == 0) & (q < Q)
-            dy_row = ((img * P + p) * Q + q) * K + g * K_G
-            w_tap = (r * S + s) * C_G + offs_c
-            for k0 in range(0, K_G, BLOCK_K):
-                ks = k0 + offs_k
-                k_ok = ks < K_G
-                a = tl.load(dy_ptr + dy_row[:, None] + ks[None, :],
-                            mask=ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + ((g * K_G + ks) * (R * S * C_G))[:, None] + w_tap[None, :],
-                            mask=k_ok[:, None] & mask_c[None, :], other=0.0)
-                acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+        q = vq // stride_w
+        ok = (mask_m & (hp >= 0) & (hp % stride_h == 0) & (p < P)
+              & (vq >= 0) & (vq % stride_w == 0) & (q < Q))
+        dy_row = ((img * P + p) * Q + q) * K + g * K_G
+        w_tap = tap * C_G + offs_c
+        a = tl.load(dy_ptr + dy_row[:, None] + ks[None, :],
+                    mask=ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + ((g * K_G + ks) * (R * S * C_G))[:, None] + w_tap[None, :],
+                    mask=k_ok[:, None] & mask_c[None, :], other=0.0)
+        acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
 
     tl.store(dx_ptr + offs_m[:, None] * C + (g * C_G + offs_c)[None, :],
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
