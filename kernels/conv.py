@@ -160,13 +160,17 @@ def conv_fused_kernel(
     # program takes chunks sk, sk + SPLIT, ... of each tap, STEPS = ceil(chunks / SPLIT) a
     # tap; a step past the last chunk (chunks not a multiple of SPLIT) loads nothing (masked)
     # and adds zeros. The bound is a scalar of the arguments, never of tl.program_id (the
-    # Triton 3.6 interpreter cannot take a tensor range bound).
+    # Triton 3.6 interpreter cannot take a tensor range bound). STEPS >= 1 (max(., 1), a no-op
+    # since C_G >= 1) lets the compiler drop the zero-trip guard around the pipelined loop:
+    # with it, ptxas 3.6 serialized split-K's wgmma (C7515, a gsb0 wait after every HGMMA).
+    # Flattened loops at num_warps=8 have miscompiled in some Triton versions (triton#1254,
+    # pytorch#173068): the GPU script checks the picked configs against F.conv2d first.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ih0 = p * stride_h - pad_h
     iw0 = q * stride_w - pad_w
     img_h = img * H
     if PACK:  # few channels a group: one K axis over (s, c), so MMA lanes are not padding
-        STEPS = tl.cdiv(tl.cdiv(S * C_G, BLOCK_K), SPLIT)
+        STEPS = tl.maximum(tl.cdiv(tl.cdiv(S * C_G, BLOCK_K), SPLIT), 1)
         for it in range(0, R * STEPS):
             r = it // STEPS
             ks = ((it % STEPS) * SPLIT + sk) * BLOCK_K + offs_k
@@ -181,7 +185,7 @@ def conv_fused_kernel(
                         mask=k_ok[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
     else:
-        STEPS = tl.cdiv(tl.cdiv(C_G, BLOCK_K), SPLIT)
+        STEPS = tl.maximum(tl.cdiv(tl.cdiv(C_G, BLOCK_K), SPLIT), 1)
         for it in range(0, R * S * STEPS):
             tap = it // STEPS
             cs = ((it % STEPS) * SPLIT + sk) * BLOCK_K + offs_k

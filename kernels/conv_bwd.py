@@ -49,7 +49,7 @@ def conv_dgrad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     hp0 = h + pad_h
     vq0 = v + pad_w
-    STEPS = tl.cdiv(K_G, BLOCK_K)
+    STEPS = tl.maximum(tl.cdiv(K_G, BLOCK_K), 1)
     for it in range(0, R * S * STEPS):
         tap = it // STEPS
         ks = (it % STEPS) * BLOCK_K + offs_k
