@@ -89,11 +89,9 @@ def pair_problem(conv, bn, act, names, conv_type=nn.Conv2d) -> str:
     if act is not None and type(act) is not nn.ReLU:
         return f"{names[2]} is a {type(act).__name__}, not an nn.ReLU"
     for name, m in zip(names, (conv, bn, act)):
-        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                              or m._backward_pre_hooks):
+        if m is not None and _hooked(m):
             return f"{name} has hooks"
-    if (mean is None or bn.training and kind is not frozen_bn_type()) \
-            and conv.bias is not None:
+    if conv.bias is not None and not uses_running_stats(bn):
         return f"{names[0]} has a bias (train mode: the training kernels have none)"
     return ""
 
@@ -144,7 +142,7 @@ def conv_bn_act(x, conv, bn, relu, residual=None, res_step=1, res_off=0, project
                 shortcut=None):
     """relu?(bn(conv(x)) (+ pbn(pconv(shortcut))) (+ pad_c(residual[::step], off))) on the
     kernels: the eval kernel when ``bn`` uses its running statistics, the training kernels
-    when it uses batch statistics. The caller has checked the modules (``*_problem``); input
+    when it uses batch statistics. The caller has checked the modules (``pair_problem``); input
     checks and autocast are done here, once."""
     weight, mean = conv.weight, bn.running_mean
     ops.check_input(x, conv, weight, mean)
@@ -161,7 +159,7 @@ def conv_bn_act(x, conv, bn, relu, residual=None, res_step=1, res_off=0, project
         ops.common.check_second_input("shortcut input", shortcut, x, conv, pconv.stride[0],
                                       pconv.in_channels)
         shortcut = shortcut.to(x.dtype)
-    if mean is None or bn.training and type(bn) is not frozen_bn_type():  # batch statistics
+    if not uses_running_stats(bn):
         return training.conv_bn(x, weight, conv, bn, relu, residual, res_step, res_off,
                                 projection, shortcut)
     if projection is None:
