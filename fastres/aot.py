@@ -364,18 +364,25 @@ def cuobjdump() -> str:
     return path
 
 
-def inspect_cubin(cubin: bytes):
-    """(registers, spill bytes, HGMMA count, HMMA count) of a one-kernel cubin."""
+def read_cubin(cubin: bytes):
+    """(``cuobjdump -res-usage`` text, ``cuobjdump -sass`` text) of a one-kernel cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         tool = cuobjdump()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    field_ = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))
-    return (field_("REG"), field_("LOCAL") + field_("STACK"),
+        return tuple(subprocess.run([tool, flag, f.name], capture_output=True, text=True,
+                                    check=True).stdout for flag in ("-res-usage", "-sass"))
+
+
+def usage_field(usage: str, key: str) -> int:
+    """A number of ``cuobjdump -res-usage`` (REG, LOCAL, STACK, SHARED)."""
+    return int(re.search(rf"\b{key}:(\d+)", usage).group(1))
+
+
+def inspect_cubin(cubin: bytes):
+    """(registers, spill bytes, HGMMA count, HMMA count) of a one-kernel cubin."""
+    usage, sass = read_cubin(cubin)
+    return (usage_field(usage, "REG"), usage_field(usage, "LOCAL") + usage_field(usage, "STACK"),
             len(re.findall(r"\bHGMMA\b", sass)), len(re.findall(r"\bHMMA\b", sass)))
 
 
@@ -470,12 +477,28 @@ def main(argv=None):
     parser.add_argument("-j", "--jobs", type=int, default=None,
                         help="compile processes (default: all CPUs)")
     parser.add_argument("--kernel", default=None, help="only this kernel")
+    net = parser.add_argument_group(
+        "the static performance report (fastres.report): every launch of a network's convs")
+    net.add_argument("--network", default=None, help="e.g. resnet50, resnet18, resnext50_32x4d")
+    net.add_argument("--batch", type=int, default=256)
+    net.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (tf32)")
+    net.add_argument("--roles", default=None,
+                     help="comma-separated subset of forward,forward_train,dgrad,wgrad,other")
+    net.add_argument("--dump", default=None,
+                     help="write kernel.ttgir/.ptx/.sass and meta.json per distinct launch here")
+    net.add_argument("--known", default=None,
+                     help="JSON list of known failures ('role unit property') not to fail on")
+    net.add_argument("--write-known", default=None,
+                     help="add this run's failures to this JSON file (the known gaps)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # The interpreter replaces @triton.jit functions: compile in a fresh process without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
         sys.exit(subprocess.run([sys.executable, "-m", "fastres.aot", *argv], env=env).returncode)
+    if args.network:
+        from fastres import report
+        sys.exit(report.main(args))
     _, ok = run(args.quick, args.jobs, args.kernel)
     sys.exit(0 if ok else 1)
 

@@ -321,6 +321,21 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# The static report (``python -m fastres.aot --network``) runs the launchers on meta tensors
+# as if on a GPU of this many SMs; None otherwise.
+CAPTURE_SMS: Optional[int] = None
+
+
+def gpu_sms(device: torch.device) -> Optional[int]:
+    """The SM count the split heuristics plan for: the CUDA device's, the captured GPU's for
+    a meta tensor while the static report captures launches, else None (CPU: no split)."""
+    if device.type == "cuda":
+        return sm_count(device)
+    if device.type == "meta":
+        return CAPTURE_SMS
+    return None
+
+
 def split_k(tiles: int, chunks_per_tap: int, taps: int, sms: int) -> int:
     """The forward's split-K factor (a power of two, at most MAX_SPLIT_K): split the reduction
     while the output tiles fill less than half of the ``sms`` SMs (layer4 at small batch: 4

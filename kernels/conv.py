@@ -44,7 +44,7 @@ import triton.language as tl
 
 from . import configs
 from .bn_rows import PARTIAL_COUNT, PARTIAL_M2, PARTIAL_MEAN
-from .configs import pick_config, sm_count, split_k
+from .configs import gpu_sms, pick_config, split_k
 
 INT32_SAFE = 2 ** 30  # numel above which offsets (masked lanes included) may pass 2**31
 SPLITK_BLOCK_M, SPLITK_BLOCK_N = 64, 64  # splitk_epilogue_kernel's tile
@@ -412,8 +412,9 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
     tiles_m = -(-m // cfg.BLOCK_M)  # ceiling divisions
     tiles = tiles_m * -(-k_g // cfg.BLOCK_N)
     if split is None:
-        split = 1 if with_stats or not x.is_cuda else split_k(
-            tiles * groups, -(-chunk // cfg.BLOCK_K), taps, sm_count(x.device))
+        sms = gpu_sms(x.device)
+        split = 1 if with_stats or sms is None else split_k(
+            tiles * groups, -(-chunk // cfg.BLOCK_K), taps, sms)
     stats = part = y
     if with_stats:
         stats = torch.empty((3, tiles_m, k), dtype=torch.float32, device=x.device)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dgrad_config, sm_count, wgrad_blocks, wgrad_split
+from .configs import dgrad_config, gpu_sms, wgrad_blocks, wgrad_split
 from .conv import _mma, dot_flags, needs_int64, pixel_coords, tile_ids
 
 
@@ -175,7 +175,8 @@ def conv_wgrad(x, dy, *, kernel_size, stride, padding, dilation, groups, split=N
     tiles = r * s * -(-c_g // blocks.BLOCK_C) * -(-k_g // blocks.BLOCK_N)
     chunks = -(-m // blocks.BLOCK_M)
     if split is None:
-        split = wgrad_split(tiles * groups, chunks, sm_count(x.device)) if x.is_cuda else 1
+        sms = gpu_sms(x.device)
+        split = 1 if sms is None else wgrad_split(tiles * groups, chunks, sms)
     per_split = -(-chunks // split) * blocks.BLOCK_M
     split = -(-m // per_split)
     part = dw if split == 1 else torch.empty((split, dw.numel()), dtype=torch.float32,
