@@ -146,8 +146,10 @@ def _configs_for(dt, quick, r, c, epi):
 
 
 def _conv_fused_variant(dt, prec, tc, r, stride, c, epi, bn_dt, cfg):
-    from fastres.kernels.conv import packs_taps
+    from fastres.kernels.conv import even_k, packs_taps
     k = 256
+    if packs_taps(c, r) and c % 4:  # the launcher pads the stem's 3 channels to 4
+        c += -c % 4
     ints = _conv_ints(r, stride, c, k)
     flags = {f: f in CONV_EPILOGUES[epi] for f in EPILOGUE_FLAGS}
     res, sc = flags["HAS_RES"], flags["HAS_SHORTCUT"]
@@ -163,8 +165,10 @@ def _conv_fused_variant(dt, prec, tc, r, stride, c, epi, bn_dt, cfg):
     gemm = r == 1 and stride == 1
     pack = packs_taps(c, r)
     split = 4 if epi.startswith("split-K") else 1
-    constexprs = dict(R=r, S=r, **flags, UPCAST=False, PRECISION=prec, GEMM=gemm, PACK=pack,
-                      SPLIT=split, **_blocks(cfg))
+    constexprs = dict(R=r, S=r, **flags, UPCAST=False, PRECISION=prec, GEMM=gemm,
+                      PACK=c if pack else 0, ROW=pack, SPLIT=split,
+                      EVEN_K=even_k(c, cfg.BLOCK_K, split),
+                      EVEN_N=k % cfg.BLOCK_N == 0, **_blocks(cfg))
     bn_label = f" bn-params {bn_dt}" if bn_dt != "fp32" else ""
     return Variant("conv_fused_kernel",
                    f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''}"

@@ -84,6 +84,7 @@ class Launch:
     num_warps: int
     num_stages: int
     count: int = 1
+    useful: int = 0  # the op's conv FLOPs (2*M*N*K), for conv kernels
 
     def programs(self) -> int:
         return math.prod(self.grid)
@@ -110,7 +111,8 @@ def _recording(sink: list, context: dict):
             role = context["role"] if name in CONV_KERNELS else "other"
             sink.append(Launch(name, role, list(context["units"]), grid,
                                {k: v for k, v in bound.items() if k not in names},
-                               {k: v for k, v in bound.items() if k in names}, warps, stages))
+                               {k: v for k, v in bound.items() if k in names}, warps, stages,
+                               useful=context.get("useful", 0) if name in CONV_KERNELS else 0))
         return run
 
     saved_sms, configs.CAPTURE_SMS = configs.CAPTURE_SMS, H200_SMS
@@ -189,8 +191,27 @@ class _Driver(torch.utils._python_dispatch.TorchDispatchMode):
             units = [self._unit(_key(a[0].shape, w, *a[3:7]), role)]
         else:
             units, role = [name], "other"
-        self.context.update(role=role, units=units)
+        self.context.update(role=role, units=units, useful=_useful_flops(name, a))
         return self.impls[name](*args, **kwargs)
+
+
+def _useful_flops(op: str, a) -> int:
+    """The conv's own 2*M*N*K of a fastres op call (from its tensors' shapes, so padding a
+    launcher adds, such as the stem's fourth channel, is not useful work); 0 for others."""
+    from fastres.flops import conv_flops
+    from fastres.ops.common import conv_out_shape
+    from fastres.ops.conv_bn_act import _Geometry
+    if op == "conv_bn_act":
+        out = conv_out_shape(a[0], _Geometry(a[1], *a[16:19]))
+        return conv_flops(a[0].shape, a[1].shape, out,
+                          a[10].shape if a[9] is not None else None)
+    if op == "conv_train":
+        return conv_flops(a[0].shape, a[1].shape, conv_out_shape(a[0], _Geometry(a[1], *a[2:5])))
+    if op == "conv_dgrad":
+        return conv_flops(a[2], a[1].shape, a[0].shape)
+    if op == "conv_wgrad":
+        return conv_flops(a[0].shape, (a[1].shape[1], a[0].shape[1] // a[6], *a[2]), a[1].shape)
+    return 0
 
 
 def _reference_units(model, x, prefix):
@@ -301,6 +322,13 @@ def flops(launch):
         chunks = sum(_cdiv(min(per_split, a["M"] - i * per_split), bm) for i in range(split))
         return useful, tiles * groups * chunks * 2 * bc * bn * bm
     return 0, 0
+
+
+def useful_and_executed(launch):
+    """``flops(launch)`` with the useful FLOPs of the op that made the launch where known
+    (the launch's own integers count a launcher's padding as useful)."""
+    useful, executed = flops(launch)
+    return (launch.useful or useful), executed
 
 
 def dtype_of(launch) -> str:
@@ -487,7 +515,7 @@ def mma_flops_per_iteration(launch) -> int:
 def analyse(launch, facts) -> dict:
     """meta.json's fields (everything but the units' list) and the property verdicts."""
     dt = dtype_of(launch)
-    useful, executed = flops(launch)
+    useful, executed = useful_and_executed(launch)
     nbytes = launch_bytes(launch)
     row = dict(kernel=launch.kernel, unit=launch.units[0] if launch.units else "",
                units=launch.units, count=launch.count, role=launch.role, dtype=dt,

@@ -55,6 +55,7 @@ SMALL_M = 128 * 64  # below: BLOCK_M = 64
 N_CAP = {2: 128, 4: 64}  # largest BLOCK_N per element size, see the module docstring
 SHORTCUT_N_CAP = 64  # largest BLOCK_N with a projection shortcut (two accumulators)
 SMEM_BUDGET = 192 * 1024  # bytes for the pipelined tiles; sm_90 allows 227 KiB per block
+RIDGE = {2: 790e12 / 4.3e12, 4: 395e12 / 4.3e12}  # H200 FLOPs per byte: tensor peak / HBM
 AUTOTUNE_ENV = "FASTRES_AUTOTUNE"
 CACHE_ENV = "FASTRES_TUNE_CACHE"
 MAX_SPLIT_K = 16  # split_k's largest factor
@@ -133,22 +134,46 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
     return p
 
 
-def _make(bm: int, bn: int, bk: int, elem_bytes: int) -> ConvConfig:
-    warps = 8 if bm * bn * elem_bytes >= 128 * 64 * 2 else 4
+def _make(bm: int, bn: int, bk: int, elem_bytes: int, shortcut: bool = False,
+          trips: Optional[int] = None) -> ConvConfig:
+    """warps: 8 from a 128x128 2-byte tile up (64x128 fp32), 8 from 128x64 with a projection
+    shortcut's second accumulator, else 4; stages: as many as fit SMEM_BUDGET, 2..4, and no
+    more than the main loop's ``trips`` + 1 (a stage past the trip count only loads zeros)."""
+    big = bm * bn * elem_bytes >= (128 * 64 * 2 if shortcut else 128 * 128 * 2)
     stages = max(2, min(4, SMEM_BUDGET // ((bm + bn) * bk * elem_bytes)))
-    return ConvConfig(bm, bn, bk, num_warps=warps, num_stages=stages)
+    if trips is not None:
+        stages = max(2, min(stages, trips + 1))
+    return ConvConfig(bm, bn, bk, num_warps=8 if big else 4, num_stages=stages)
+
+
+def _trips(taps: int, c_per_group: int, bk: int) -> int:
+    """The main loop's trip count as far as stages go: taps x channel chunks, and at most 2
+    for a 1x1 conv (3 stages: 96 KiB at 128x128x64 in 2 bytes, so 2 CTAs fit an SM)."""
+    trips = taps * -(-c_per_group // bk)
+    return min(trips, 2) if taps == 1 else trips
 
 
 def _n_cap(elem_bytes: int, shortcut: bool) -> int:
     return min(N_CAP[elem_bytes], SHORTCUT_N_CAP) if shortcut else N_CAP[elem_bytes]
 
 
+def memory_bound_gemm(n_per_group: int, c_per_group: int, elem_bytes: int, taps: int) -> bool:
+    """A 1x1 conv whose FLOPs per byte moved sit below the H200's ridge (RIDGE), counting a
+    pixel's C inputs, N outputs and N residual values once each (2*N*C / ((C + 2N) * bytes)):
+    its tiles should let 2+ CTAs share an SM rather than maximize reuse."""
+    return taps == 1 and 2 * n_per_group * c_per_group < RIDGE[elem_bytes] * (
+        c_per_group + 2 * n_per_group) * elem_bytes
+
+
 def heuristic_config(m: int, n_per_group: int, c_per_group: int, elem_bytes: int = 4,
-                     shortcut: bool = False) -> ConvConfig:
+                     shortcut: bool = False, taps: int = 1) -> ConvConfig:
     """The GPU config of a bucket, before any tuning (see the module docstring)."""
     bn = _pow2_at_least(n_per_group, 16, _n_cap(elem_bytes, shortcut))
+    if memory_bound_gemm(n_per_group, c_per_group, elem_bytes, taps):
+        bn = min(bn, 64)
     bk = _pow2_at_least(c_per_group, 16, 128 // elem_bytes)
-    return _make(128 if m >= SMALL_M else 64, bn, bk, elem_bytes)
+    return _make(128 if m >= SMALL_M else 64, bn, bk, elem_bytes, shortcut,
+                 _trips(taps, c_per_group, bk))
 
 
 # bucket -> config, for pick_config, dgrad_config and wgrad_blocks. M enters a bucket as
@@ -204,21 +229,22 @@ def _pick(m, n_per_group, c_per_group, elem_bytes, taps, launch, shortcut):
     if _settings()["autotune"]:
         if launch is not None:
             return autotune(key, tune_candidates(m, n_per_group, c_per_group, elem_bytes,
-                                                 shortcut), launch), True
-        return heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut), False
-    return heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut), True
+                                                 shortcut, taps), launch), True
+        return heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut, taps), False
+    return heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut, taps), True
 
 
 def tune_candidates(m: int, n_per_group: int, c_per_group: int, elem_bytes: int,
-                    shortcut: bool = False) -> list:
+                    shortcut: bool = False, taps: int = 1) -> list:
     """The configs autotune times for a bucket: the heuristic's, then its neighbours in
     BLOCK_M and BLOCK_N, each no larger than the problem needs."""
     n_cap = _pow2_at_least(n_per_group, 16, _n_cap(elem_bytes, shortcut))
     k_cap = _pow2_at_least(c_per_group, 16, 128 // elem_bytes)
-    out = [heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut)]
+    trips = _trips(taps, c_per_group, k_cap)
+    out = [heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut, taps)]
     for bm in (64, 128):
         for bn in (32, 64, 128):
-            cfg = _make(bm, min(bn, n_cap), k_cap, elem_bytes)
+            cfg = _make(bm, min(bn, n_cap), k_cap, elem_bytes, shortcut, trips)
             if cfg not in out:
                 out.append(cfg)
     return out
@@ -232,10 +258,11 @@ def all_configs(elem_bytes: Optional[int] = None, shortcut: bool = False) -> lis
     for e in ((2, 4) if elem_bytes is None else (elem_bytes,)):
         for m in (1, SMALL_M):
             for n in (16, 32, 64, 128, 256):
-                for c in (16, 32, 64):
-                    for cfg in tune_candidates(m, n, c, e, shortcut):
-                        if cfg not in out:
-                            out.append(cfg)
+                for c in (16, 32, 64, 128, 256):
+                    for taps in (1, 9):
+                        for cfg in tune_candidates(m, n, c, e, shortcut, taps):
+                            if cfg not in out:
+                                out.append(cfg)
     return out
 
 

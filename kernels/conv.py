@@ -131,7 +131,8 @@ def conv_fused_kernel(
     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, BN_AFFINE: tl.constexpr,
     HAS_SHORTCUT: tl.constexpr, SC_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
     RELU: tl.constexpr, INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    WITH_STATS: tl.constexpr, GEMM: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
+    WITH_STATS: tl.constexpr, GEMM: tl.constexpr, PACK: tl.constexpr, ROW: tl.constexpr,
+    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Which tile am I: grouped ordering over (M tiles, N tiles) of one conv group.
@@ -146,7 +147,8 @@ def conv_fused_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < K_G
     chan = g * K_G + offs_n
-    w_col = chan * (R * S * C_G)  # OHWI: output channel chan's R*S*C_G weights are contiguous
+    # OHWI: output channel chan's R*S*C_G weights are contiguous (C_G = PACK when packed)
+    w_col = chan * (R * S * (PACK if PACK else C_G))
     if INT64:
         offs_m = offs_m.to(tl.int64)
     img, p, q = pixel_coords(offs_m, P, Q)
@@ -170,39 +172,85 @@ def conv_fused_kernel(
     iw0 = q * stride_w - pad_w
     img_h = img * H
     if PACK:  # few channels a group: one K axis over (s, c), so MMA lanes are not padding
-        STEPS = tl.maximum(tl.cdiv(tl.cdiv(S * C_G, BLOCK_K), SPLIT), 1)
+        # PACK = the channels a group (a constexpr: the divisions below are shifts); ROW: one
+        # group and no column dilation, so a kernel row's (s, c) pairs are S*PACK contiguous
+        # elements of the input row (the stem, its input padded to 4 channels by the
+        # launcher: 8-byte aligned runs of 4, which the compiler copies asynchronously).
+        STEPS = tl.maximum(tl.cdiv(tl.cdiv(S * PACK, BLOCK_K), SPLIT), 1)
+        ih0 = tl.where(mask_m, ih0, H)
+        r_i = 0
+        c_i = 0
         for it in range(0, R * STEPS):
-            r = it // STEPS
-            ks = ((it % STEPS) * SPLIT + sk) * BLOCK_K + offs_k
-            ih = ih0 + r * dil_h
-            row_ok = mask_m & (ih >= 0) & (ih < H)
-            k_ok = ks < S * C_G
-            iw = iw0[:, None] + (ks // C_G)[None, :] * dil_w
-            x_row = (img_h + ih) * W
-            a = tl.load(x_ptr + (x_row[:, None] + iw) * C + g * C_G + (ks % C_G)[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :] & (iw >= 0) & (iw < W), other=0.0)
-            b = tl.load(w_ptr + w_col[None, :] + (r * S * C_G + ks)[:, None],
+            ks = (c_i * SPLIT + sk) * BLOCK_K + offs_k
+            ih = ih0 + r_i * dil_h
+            iw = iw0[:, None] + (ks // PACK)[None, :] * dil_w
+            k_ok = ks < S * PACK
+            ok = ((ih.to(tl.uint32) < H.to(tl.uint32))[:, None] & k_ok[None, :]
+                  & (iw.to(tl.uint32) < W.to(tl.uint32)))
+            if ROW:
+                a_off = ((img_h + ih) * W + iw0)[:, None] * PACK + ks[None, :]
+            else:
+                a_off = ((img_h + ih) * W)[:, None] * C + iw * C + g * PACK \
+                    + (ks % PACK)[None, :]
+            a = tl.load(x_ptr + a_off, mask=ok, other=0.0)
+            b = tl.load(w_ptr + w_col[None, :] + (r_i * S * PACK + ks)[:, None],
                         mask=k_ok[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+            c_i += 1
+            next_row = c_i == STEPS
+            c_i = tl.where(next_row, 0, c_i)
+            r_i += next_row.to(tl.int32)
     else:
+        # Loop-invariant per-row state, so an iteration adds scalars: the row's input offset
+        # at tap (0, 0) (negative or past the image where the tap is padding: such rows are
+        # masked), and, for the bounds, the tap-(0, 0) row and column; a row past M gets a
+        # row of H, out of bounds at every tap. Bounds are one unsigned compare each.
+        # EVEN_K / EVEN_N (the launcher's): every chunk is whole, so loads need no channel
+        # mask. The tap (r, s) and chunk index are carried from step to step, never divided
+        # out of the step number.
+        if GEMM:  # 1x1, stride 1, no padding: output pixel m reads input pixel m
+            a_ptrs = x_ptr + (offs_m * C + g * C_G)[:, None] + offs_k[None, :]
+        else:
+            ih0 = tl.where(mask_m, ih0, H)
+            a_ptrs = x_ptr + (((img_h + ih0) * W + iw0) * C + g * C_G)[:, None] \
+                + offs_k[None, :]
+        b_ptrs = w_ptr + w_col[None, :] + offs_k[:, None]
         STEPS = tl.maximum(tl.cdiv(tl.cdiv(C_G, BLOCK_K), SPLIT), 1)
+        r_i = 0
+        s_i = 0
+        c_i = 0
         for it in range(0, R * S * STEPS):
-            tap = it // STEPS
-            cs = ((it % STEPS) * SPLIT + sk) * BLOCK_K + offs_k
-            c_ok = cs < C_G
-            if GEMM:  # 1x1, stride 1, no padding: output pixel m reads input pixel m
-                pix_ok = mask_m
-                x_row = offs_m * C + g * C_G
+            c0 = (c_i * SPLIT + sk) * BLOCK_K
+            if GEMM:
+                a_mask = mask_m[:, None]
+                a_off = c0
             else:
-                ih = ih0 + (tap // S) * dil_h
-                iw = iw0 + (tap % S) * dil_w
-                pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_row = ((img_h + ih) * W + iw) * C + g * C_G
-            a = tl.load(x_ptr + x_row[:, None] + cs[None, :],
-                        mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + w_col[None, :] + (tap * C_G + cs)[:, None],
-                        mask=c_ok[:, None] & mask_n[None, :], other=0.0)
+                dh = r_i * dil_h
+                dw = s_i * dil_w
+                a_mask = (((ih0 + dh).to(tl.uint32) < H.to(tl.uint32))
+                          & ((iw0 + dw).to(tl.uint32) < W.to(tl.uint32)))[:, None]
+                a_off = (dh * W + dw) * C + c0
+            if EVEN_K:
+                a = tl.load(a_ptrs + a_off, mask=a_mask, other=0.0)
+            else:
+                c_ok = (c0 + offs_k) < C_G
+                a = tl.load(a_ptrs + a_off, mask=a_mask & c_ok[None, :], other=0.0)
+            b_off = (r_i * S + s_i) * C_G + c0
+            if EVEN_K:
+                if EVEN_N:
+                    b = tl.load(b_ptrs + b_off)
+                else:
+                    b = tl.load(b_ptrs + b_off, mask=mask_n[None, :], other=0.0)
+            else:
+                b = tl.load(b_ptrs + b_off, mask=c_ok[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+            c_i += 1
+            next_tap = c_i == STEPS
+            c_i = tl.where(next_tap, 0, c_i)
+            s_i += next_tap.to(tl.int32)
+            next_row = s_i == S
+            s_i = tl.where(next_row, 0, s_i)
+            r_i += next_row.to(tl.int32)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT > 1:  # fp32 partial sums; splitk_epilogue_kernel adds them up in order
@@ -354,6 +402,19 @@ def packs_taps(c_per_group: int, s: int) -> bool:
     return s > 1 and c_per_group < 16
 
 
+def even_k(c_per_group: int, block_k: int, split: int) -> bool:
+    """Whether every (split-K share of) channel chunk is whole: no channel masks (EVEN_K)."""
+    return c_per_group % block_k == 0 and (c_per_group // block_k) % split == 0
+
+
+def pad_channels(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """t (N, C, H, W) with zero channels appended up to a multiple of ``multiple``, in
+    channels_last memory: a packed row of the stem's 3 channels becomes 4-element runs."""
+    extra = -t.shape[1] % multiple
+    zeros = t.new_zeros((t.shape[0], extra, *t.shape[2:]))
+    return torch.cat([t, zeros], dim=1).contiguous(memory_format=torch.channels_last)
+
+
 def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -402,6 +463,9 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
         return (y, y.new_zeros((3, 0, k), dtype=torch.float32)) if with_stats else y
     c_g, k_g = c // groups, k // groups
     pack = packs_taps(c_g, s)
+    if pack and groups == 1 and c % 4:  # the stem's 3 channels: rows of 4 (module docstring)
+        x, w, c = pad_channels(x, 4), pad_channels(w, 4), c + (-c % 4)
+        c_g = c
     taps = r if pack else r * s  # reduction steps of BLOCK_K chunks: rows when packed
     chunk = s * c_g if pack else c_g
     if shortcut is not None and shortcut.shape[1] > chunk:
@@ -443,7 +507,9 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
         h2, w2, c2, shortcut_stride,
         R=r, S=s, **flags, UPCAST=upcast, PRECISION=precision, WITH_STATS=with_stats,
         GEMM=r == s == 1 and stride[0] == stride[1] == 1 and padding[0] == padding[1] == 0,
-        PACK=pack, SPLIT=split, **cfg.kwargs,
+        PACK=c_g if pack else 0, ROW=pack and groups == 1 and dilation[1] == 1, SPLIT=split,
+        EVEN_K=even_k(c_g, cfg.BLOCK_K, split),
+        EVEN_N=k_g % cfg.BLOCK_N == 0, **cfg.kwargs,
     )
     if split > 1:
         splitk_epilogue_kernel[(-(-m // SPLITK_BLOCK_M), -(-k // SPLITK_BLOCK_N))](

@@ -101,7 +101,7 @@ def test_gpu_configs_come_from_the_compiled_set(gpu_configs, elem_bytes, shortcu
         assert min(cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K) >= 16  # tensor-core dot shapes
         stage = (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * elem_bytes
         assert cfg.num_stages * stage <= configs.SMEM_BUDGET
-        for cand in configs.tune_candidates(m, n, c, elem_bytes, shortcut):
+        for cand in configs.tune_candidates(m, n, c, elem_bytes, shortcut, taps):
             assert cand in closed
     if shortcut:  # the second accumulator: narrower tiles (configs' module docstring)
         assert max(cfg.BLOCK_N for cfg in closed) == configs.SHORTCUT_N_CAP
@@ -163,7 +163,7 @@ def test_bucket_never_keys_on_the_exact_batch_size():
 def test_autotune_persists_the_fastest_and_pick_config_reads_it(gpu_configs, monkeypatch):
     import triton.testing
     m, n, c = 256 * 28 * 28, 128, 128
-    cands = configs.tune_candidates(m, n, c, 2)
+    cands = configs.tune_candidates(m, n, c, 2, taps=9)
     assert len(cands) > 1
     fastest = cands[-1]
     calls = []
@@ -174,13 +174,13 @@ def test_autotune_persists_the_fastest_and_pick_config_reads_it(gpu_configs, mon
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     launch = calls.append
     assert configs.pick_config(m, n, c, 2, 9, launch=launch) == configs.heuristic_config(
-        m, n, c, 2)  # FASTRES_AUTOTUNE unset: the heuristic, nothing timed
+        m, n, c, 2, taps=9)  # FASTRES_AUTOTUNE unset: the heuristic, nothing timed
     assert calls == []
     monkeypatch.setenv(configs.AUTOTUNE_ENV, "1")
     assert configs.pick_config(m, n, c, 2, 9, launch=launch) == configs.heuristic_config(
-        m, n, c, 2)  # the settings are read once: the heuristic's pick stands
+        m, n, c, 2, taps=9)  # the settings are read once: the heuristic's pick stands
     configs.reset()  # the variable is read again
-    assert configs.pick_config(m, n, c, 2, 9) == configs.heuristic_config(m, n, c, 2)
+    assert configs.pick_config(m, n, c, 2, 9) == configs.heuristic_config(m, n, c, 2, taps=9)
     assert calls == []  # nothing to time without launch; the next launch tunes
     assert configs.pick_config(m, n, c, 2, 9, launch=launch) == fastest
     assert calls == cands and gpu_configs.exists()
@@ -196,8 +196,8 @@ def test_a_changed_cache_path_is_read_after_reset(gpu_configs, monkeypatch, tmp_
     """The tune cache path is read once (at the first pick) and again after ``reset()``."""
     import json
     m, n, c = 256 * 28 * 28, 128, 128
-    heuristic = configs.heuristic_config(m, n, c, 2)
-    tuned = next(cfg for cfg in configs.tune_candidates(m, n, c, 2) if cfg != heuristic)
+    heuristic = configs.heuristic_config(m, n, c, 2, taps=9)
+    tuned = next(cfg for cfg in configs.tune_candidates(m, n, c, 2, taps=9) if cfg != heuristic)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"cuda:90": {configs.bucket_key(m, n, c, 2, 9): {
         k: getattr(tuned, k) for k in tuned.__dataclass_fields__}}}))
