@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One shot on a GPU machine, under 8 minutes in all, everything into OUTDIR:
 #   1. record the GPU and the torch / Triton versions; install fastres (no index needed)
-#   2. correctness on CUDA: pytest tests (time-boxed)
+#   2. correctness on CUDA: every config fastres picks for ResNet-50 at batch 1, 32 and 256
+#      against PyTorch (benchmarks/check_configs.py; a failure stops the run), then pytest
+#      tests (time-boxed)
 #   3. the benchmark subset that matters most, bf16, batch 256, peaks measured in each stage:
 #      a. inference: ResNet-50's distinct convs and blocks; eager channels_last, torch.compile,
 #         fastres (max-autotune rows last, while time is left)
@@ -13,7 +15,8 @@
 set -uo pipefail
 OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR}
 TOTAL_S=${FASTRES_GPU_BUDGET_S:-465}   # the whole script
-TESTS_S=${FASTRES_GPU_TESTS_S:-180}    # the correctness stage at most
+TESTS_S=${FASTRES_GPU_TESTS_S:-150}    # the correctness stage at most
+CHECK_S=${FASTRES_GPU_CHECK_S:-120}    # the picked-configs check at most
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -38,6 +41,15 @@ if ! importable; then  # fall back: a regular install, then the source tree on P
     importable || { export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; echo "using PYTHONPATH=$PYTHONPATH"; }
     importable || { echo "fastres cannot be imported: stopping before any GPU time is spent"; exit 1; }
 fi
+
+echo "== every config fastres picks for ResNet-50 (batch 1, 32, 256, bf16) against PyTorch"
+# Before anything is timed: a flattened-loop miscompile (seen at 8 warps in some Triton
+# versions) would make every timing below meaningless.
+timeout -s INT -k 10 "$CHECK_S" python -m benchmarks.check_configs --network resnet50 \
+    --batches 1,32,256 --dtype bf16
+check=$?
+echo "check_configs exit status: $check"
+if (( check != 0 )); then echo "a picked config is wrong on this GPU: stopping before timing"; exit 1; fi
 
 echo "== correctness on CUDA (at most ${TESTS_S}s)"
 timeout -s INT -k 10 "$TESTS_S" python -m pytest tests -q -p no:cacheprovider \

@@ -124,3 +124,38 @@ def test_flop_counter_charges_a_fastres_training_step_like_torchvision():
             block(x).sum().backward()
         counts.append(counter.get_total_flops())
     assert counts[0] > 0 and counts[1] == counts[0]
+
+
+def _small_blocks():
+    """A torchvision Bottleneck with a projection shortcut and random BN state: fp32
+    reference, fp16 eager yardstick, fp16 fastres (converted). fp16, not bf16: Triton's
+    interpreter rounds fp32 -> bf16 by truncation, a bias a GPU does not have."""
+    from torchvision.models.resnet import Bottleneck
+    from benchmarks import check_configs
+    down = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, 2, bias=False),
+                               torch.nn.BatchNorm2d(16))
+    ref = Bottleneck(8, 4, stride=2, downsample=down)
+    check_configs._randomize_bn(ref)
+    ref = ref.to(memory_format=torch.channels_last)
+    eager = copy.deepcopy(ref).to(torch.float16)
+    fast = fastres.convert(copy.deepcopy(ref)).to(torch.float16)
+    return ref, eager, fast
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_check_configs_passes_the_kernels_and_catches_a_wrong_result(train):
+    """The GPU script's first stage (benchmarks.check_configs): the fused block agrees with
+    the fp32 module as closely as eager bf16 does; a perturbed weight (what a miscompile
+    looks like) fails, in the output and in every gradient it feeds."""
+    from benchmarks import check_configs
+    ref, eager, fast = _small_blocks()
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert check_configs.compare("blk", fast, ref, eager, x, torch.float16, train) == []
+    with torch.no_grad():  # not a pure scale, which train-mode BatchNorm would undo
+        w = fast.conv2.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+               * w.float().std().to(w.dtype))
+    failures = check_configs.compare("blk", fast, ref, eager, x, torch.float16, train)
+    assert failures and all(f.startswith(f"blk {'train' if train else 'eval'}") for f in failures)
+    assert any(" y: " in f for f in failures)
