@@ -148,7 +148,8 @@ def _configs_for(dt, quick, r, c, epi):
 def _conv_fused_variant(dt, prec, tc, r, stride, c, epi, bn_dt, cfg):
     from fastres.kernels.conv import even_k, packs_taps
     k = 256
-    if packs_taps(c, r) and c % 4:  # the launcher pads the stem's 3 channels to 4
+    padded = packs_taps(c, r) and c % 4  # the launcher pads the stem's 3 channels to 4,
+    if padded:                           # and in space: the kernel sees no padding (PAD0)
         c += -c % 4
     ints = _conv_ints(r, stride, c, k)
     flags = {f: f in CONV_EPILOGUES[epi] for f in EPILOGUE_FLAGS}
@@ -168,7 +169,7 @@ def _conv_fused_variant(dt, prec, tc, r, stride, c, epi, bn_dt, cfg):
     constexprs = dict(R=r, S=r, **flags, UPCAST=False, PRECISION=prec, GEMM=gemm,
                       PACK=c if pack else 0, ROW=pack, SPLIT=split,
                       EVEN_K=even_k(c, cfg.BLOCK_K, split),
-                      EVEN_N=k % cfg.BLOCK_N == 0, **_blocks(cfg))
+                      EVEN_N=k % cfg.BLOCK_N == 0, PAD0=r == 1 or bool(padded), **_blocks(cfg))
     bn_label = f" bn-params {bn_dt}" if bn_dt != "fp32" else ""
     return Variant("conv_fused_kernel",
                    f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''}"
@@ -253,6 +254,7 @@ _ELEMENTWISE = {
     "column_sum_kernel": dict(fp32=("part_ptr", "stats_ptr", "stats2_ptr", "out_ptr")),
     "bn_bwd_dx_kernel": dict(fp32=("stats_ptr", "w_ptr", "stats2_ptr", "w2_ptr", "sums_ptr")),
     "sum_splits_kernel": dict(fp32=("part_ptr", "out_ptr"), consts=dict(BLOCK=1024)),
+    "pad_nhwc_kernel": dict(fp32=(), consts=dict(CP=4, INT64=False, BLOCK=256)),
     "splitk_epilogue_kernel": dict(fp32=("part_ptr", "gamma_ptr", "beta_ptr", "mean_ptr",
                                          "var_ptr", "gamma2_ptr", "beta2_ptr", "mean2_ptr",
                                          "var2_ptr"),

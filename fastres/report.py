@@ -85,6 +85,7 @@ class Launch:
     num_stages: int
     count: int = 1
     useful: int = 0  # the op's conv FLOPs (2*M*N*K), for conv kernels
+    phase: str = "inference"  # the pass that launched it: "inference" or "training"
 
     def programs(self) -> int:
         return math.prod(self.grid)
@@ -112,7 +113,8 @@ def _recording(sink: list, context: dict):
             sink.append(Launch(name, role, list(context["units"]), grid,
                                {k: v for k, v in bound.items() if k not in names},
                                {k: v for k, v in bound.items() if k in names}, warps, stages,
-                               useful=context.get("useful", 0) if name in CONV_KERNELS else 0))
+                               useful=context.get("useful", 0) if name in CONV_KERNELS else 0,
+                               phase=context.get("phase", "inference")))
         return run
 
     saved_sms, configs.CAPTURE_SMS = configs.CAPTURE_SMS, H200_SMS
@@ -254,10 +256,12 @@ def capture(network: str, batch: int, dtype: str, roles=ROLES, size: int = 224) 
     try:
         with _recording(sink, context):
             if "forward" in roles:
+                context["phase"] = "inference"
                 model.eval()
                 with torch.no_grad(), _Driver(units_of, context):
                     model(x)
             if set(roles) - {"forward"}:
+                context["phase"] = "training"
                 model.train()
                 with _Driver(units_of, context):
                     y = model(x)
@@ -383,7 +387,7 @@ def launch_key(launch) -> tuple:
     """Launches that are the same work: one row (identical layers of a stage)."""
     ints = tuple((k, v) for k, v in launch.args.items() if not isinstance(v, torch.Tensor))
     shapes = tuple(tuple(t.shape) for t in _tensor_args(launch))
-    return (launch.kernel, launch.role, launch.grid, ints, shapes,
+    return (launch.kernel, launch.phase, launch.role, launch.grid, ints, shapes,
             tuple(sorted(launch.constexprs.items())), launch.num_warps, launch.num_stages)
 
 
@@ -518,7 +522,8 @@ def analyse(launch, facts) -> dict:
     useful, executed = useful_and_executed(launch)
     nbytes = launch_bytes(launch)
     row = dict(kernel=launch.kernel, unit=launch.units[0] if launch.units else "",
-               units=launch.units, count=launch.count, role=launch.role, dtype=dt,
+               units=launch.units, count=launch.count, role=launch.role, phase=launch.phase,
+               dtype=dt,
                grid=list(launch.grid), num_warps=launch.num_warps,
                num_stages=launch.num_stages, block=block_of(launch),
                useful_flops=useful, executed_flops=executed, bytes=nbytes)
@@ -660,10 +665,9 @@ def report(network="resnet50", batch=256, dtype="bf16", roles=ROLES, dump=None, 
               f"{'y' if r.get('memory_bound') else 'n':>2} {r.get('floor_s', 0) * 1e6:>8.1f} "
               f"{r.get('predicted_s', 0) * 1e6:>8.1f}  {' '.join(marks) or 'ok'}", file=out)
     summary = {}
-    for label, rs in (("inference forward", ("forward",)),
-                      ("training step", ("forward_train", "dgrad", "wgrad", "other"))):
-        sel = [r for r in rows if r["role"] in rs]
-        if not sel or not set(rs) & set(roles):
+    for label, phase in (("inference forward", "inference"), ("training step", "training")):
+        sel = [r for r in rows if r["phase"] == phase]
+        if not sel:
             continue
         pred = sum(r.get("predicted_s", 0) * r["count"] for r in sel)
         floor = sum(r.get("floor_s", 0) * r["count"] for r in sel)

@@ -132,7 +132,7 @@ def conv_fused_kernel(
     HAS_SHORTCUT: tl.constexpr, SC_AFFINE: tl.constexpr, HAS_RES: tl.constexpr,
     RELU: tl.constexpr, INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     WITH_STATS: tl.constexpr, GEMM: tl.constexpr, PACK: tl.constexpr, ROW: tl.constexpr,
-    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PAD0: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Which tile am I: grouped ordering over (M tiles, N tiles) of one conv group.
@@ -176,25 +176,37 @@ def conv_fused_kernel(
         # group and no column dilation, so a kernel row's (s, c) pairs are S*PACK contiguous
         # elements of the input row (the stem, its input padded to 4 channels by the
         # launcher: 8-byte aligned runs of 4, which the compiler copies asynchronously).
-        STEPS = tl.maximum(tl.cdiv(tl.cdiv(S * PACK, BLOCK_K), SPLIT), 1)
+        # STEPS: chunks of a kernel row for this split, a constexpr (1 for the stem, so the
+        # column bounds and channel masks below do not change from step to step).
+        STEPS: tl.constexpr = max(((S * PACK + BLOCK_K - 1) // BLOCK_K + SPLIT - 1) // SPLIT, 1)
         ih0 = tl.where(mask_m, ih0, H)
+        if ROW:  # the row's (s, c) run starts at input column iw0: one offset a row
+            a_ptrs = x_ptr + (((img_h + ih0) * W + iw0) * PACK)[:, None] + offs_k[None, :]
+        b_ptrs = w_ptr + w_col[None, :] + offs_k[:, None]
         r_i = 0
         c_i = 0
         for it in range(0, R * STEPS):
-            ks = (c_i * SPLIT + sk) * BLOCK_K + offs_k
+            k0 = (c_i * SPLIT + sk) * BLOCK_K
+            ks = k0 + offs_k
+            k_ok = ks < S * PACK
             ih = ih0 + r_i * dil_h
             iw = iw0[:, None] + (ks // PACK)[None, :] * dil_w
-            k_ok = ks < S * PACK
-            ok = ((ih.to(tl.uint32) < H.to(tl.uint32))[:, None] & k_ok[None, :]
-                  & (iw.to(tl.uint32) < W.to(tl.uint32)))
+            if PAD0:  # no padding: every tap of an output pixel is inside the input
+                ok = mask_m[:, None] & k_ok[None, :]
+            else:
+                ok = ((ih.to(tl.uint32) < H.to(tl.uint32))[:, None] & k_ok[None, :]
+                      & (iw.to(tl.uint32) < W.to(tl.uint32)))
             if ROW:
-                a_off = ((img_h + ih) * W + iw0)[:, None] * PACK + ks[None, :]
+                a = tl.load(a_ptrs + (r_i * dil_h * W * PACK + k0), mask=ok, other=0.0)
             else:
                 a_off = ((img_h + ih) * W)[:, None] * C + iw * C + g * PACK \
                     + (ks % PACK)[None, :]
-            a = tl.load(x_ptr + a_off, mask=ok, other=0.0)
-            b = tl.load(w_ptr + w_col[None, :] + (r_i * S * PACK + ks)[:, None],
-                        mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+                a = tl.load(x_ptr + a_off, mask=ok, other=0.0)
+            if EVEN_N:
+                b = tl.load(b_ptrs + (r_i * S * PACK + k0), mask=k_ok[:, None], other=0.0)
+            else:
+                b = tl.load(b_ptrs + (r_i * S * PACK + k0),
+                            mask=k_ok[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
             c_i += 1
             next_row = c_i == STEPS
@@ -227,8 +239,11 @@ def conv_fused_kernel(
             else:
                 dh = r_i * dil_h
                 dw = s_i * dil_w
-                a_mask = (((ih0 + dh).to(tl.uint32) < H.to(tl.uint32))
-                          & ((iw0 + dw).to(tl.uint32) < W.to(tl.uint32)))[:, None]
+                if PAD0:  # no padding: every tap of an output pixel is inside the input
+                    a_mask = mask_m[:, None]
+                else:
+                    a_mask = (((ih0 + dh).to(tl.uint32) < H.to(tl.uint32))
+                              & ((iw0 + dw).to(tl.uint32) < W.to(tl.uint32)))[:, None]
                 a_off = (dh * W + dw) * C + c0
             if EVEN_K:
                 a = tl.load(a_ptrs + a_off, mask=a_mask, other=0.0)
@@ -407,6 +422,42 @@ def even_k(c_per_group: int, block_k: int, split: int) -> bool:
     return c_per_group % block_k == 0 and (c_per_group // block_k) % split == 0
 
 
+@triton.jit(do_not_specialize=["NPIX"])
+def pad_nhwc_kernel(x_ptr, y_ptr, NPIX, H, W, C, HP, WP, pad_h, pad_w,
+                    CP: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """y[n, h, v, c] = x[n, h - pad_h, v - pad_w, c] inside x and c < C, else 0: an NHWC
+    input zero-padded in space and to CP channels (y is NPIX = N*HP*WP pixels of CP)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NPIX
+    if INT64:
+        offs = offs.to(tl.int64)
+    img, hh, vv = pixel_coords(offs, HP, WP)
+    ih = hh - pad_h
+    iw = vv - pad_w
+    inside = ok & (ih.to(tl.uint32) < H.to(tl.uint32)) & (iw.to(tl.uint32) < W.to(tl.uint32))
+    c = tl.arange(0, CP)
+    v = tl.load(x_ptr + (((img * H + ih) * W + iw) * C)[:, None] + c[None, :],
+                mask=inside[:, None] & (c < C)[None, :], other=0.0)
+    tl.store(y_ptr + (offs * CP)[:, None] + c[None, :], v, mask=ok[:, None])
+
+
+PAD_BLOCK = 256  # pad_nhwc_kernel's pixels a program
+
+
+def pad_input(x: torch.Tensor, channels: int, padding) -> torch.Tensor:
+    """x (N, C, H, W) channels_last-dense, zero-padded by ``padding`` (ph, pw) in space and
+    to ``channels`` channels, channels_last: one pass (``pad_nhwc_kernel``)."""
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * padding[0], w + 2 * padding[1]
+    y = torch.empty((n, channels, hp, wp), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    npix = n * hp * wp
+    pad_nhwc_kernel[(-(-npix // PAD_BLOCK),)](
+        x, y, npix, h, w, c, hp, wp, padding[0], padding[1], CP=channels,
+        INT64=needs_int64(x, y), BLOCK=PAD_BLOCK)
+    return y
+
+
 def pad_channels(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """t (N, C, H, W) with zero channels appended up to a multiple of ``multiple``, in
     channels_last memory: a packed row of the stem's 3 channels becomes 4-element runs."""
@@ -463,16 +514,20 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
         return (y, y.new_zeros((3, 0, k), dtype=torch.float32)) if with_stats else y
     c_g, k_g = c // groups, k // groups
     pack = packs_taps(c_g, s)
-    if pack and groups == 1 and c % 4:  # the stem's 3 channels: rows of 4 (module docstring)
-        x, w, c = pad_channels(x, 4), pad_channels(w, 4), c + (-c % 4)
-        c_g = c
+    if pack and groups == 1 and c % 4:
+        # The stem's 3 channels: rows of 4, and the spatial padding too, in one pass: the
+        # kernel then reads 8-byte runs without bounds checks (PAD0; module docstring).
+        c = c + (-c % 4)
+        x, w, c_g = pad_input(x, c, padding), pad_channels(w, 4), c
+        h, wd, padding = x.shape[2], x.shape[3], (0, 0)
     taps = r if pack else r * s  # reduction steps of BLOCK_K chunks: rows when packed
     chunk = s * c_g if pack else c_g
     if shortcut is not None and shortcut.shape[1] > chunk:
         chunk = shortcut.shape[1]
     cfg = config or pick_config(  # autotune (FASTRES_AUTOTUNE=1) times launch(cfg)
         m, k_g, chunk, x.itemsize, taps,
-        launch=lambda cfg: conv_fused(**dict(args, config=cfg)), shortcut=shortcut is not None)
+        launch=lambda cfg: conv_fused(**dict(args, config=cfg)), shortcut=shortcut is not None,
+        packed=pack)
     tiles_m = -(-m // cfg.BLOCK_M)  # ceiling divisions
     tiles = tiles_m * -(-k_g // cfg.BLOCK_N)
     if split is None:
@@ -509,7 +564,7 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
         GEMM=r == s == 1 and stride[0] == stride[1] == 1 and padding[0] == padding[1] == 0,
         PACK=c_g if pack else 0, ROW=pack and groups == 1 and dilation[1] == 1, SPLIT=split,
         EVEN_K=even_k(c_g, cfg.BLOCK_K, split),
-        EVEN_N=k_g % cfg.BLOCK_N == 0, **cfg.kwargs,
+        EVEN_N=k_g % cfg.BLOCK_N == 0, PAD0=padding[0] == padding[1] == 0, **cfg.kwargs,
     )
     if split > 1:
         splitk_epilogue_kernel[(-(-m // SPLITK_BLOCK_M), -(-k // SPLITK_BLOCK_N))](
