@@ -198,21 +198,24 @@ def conv_fused_variants(quick):
 
 
 def conv_dgrad_variants(quick):
-    """``configs.all_dgrad_configs`` of each dtype's size, the largest also with int64
-    indexing. --quick: the largest, int32 indexing."""
+    """``configs.all_dgrad_configs`` of each dtype's size with a 3x3 tap mask (MASK=32, the
+    per-row bitmask: stride 1, padding 1), channel counts that fill the tiles; the largest
+    also with int64 indexing and with K and channel tails (EVEN_K, EVEN_N off). --quick: the
+    largest, int32 indexing."""
     from fastres.kernels.configs import all_dgrad_configs
     r = 3  # R and S only bound loops: the 3x3 code stands for the others
-    ints = _conv_ints(r, 1, 64, 64)
+    ints = dict(_conv_ints(r, 1, 64, 64), TSTEP_H=1, TSTEP_W=1, OSTEP_H=1, OSTEP_W=1)
     for dt, prec, tc in _dtypes(quick):
         cfgs = all_dgrad_configs(ELEM_BYTES[dt])
         largest = max(cfgs, key=_tile_size)
-        cases = [(False, largest)] if quick else \
-            [(False, c) for c in cfgs] + [(True, largest)]
-        for int64, cfg in cases:
-            constexprs = dict(R=r, S=r, INT64=int64, UPCAST=False, PRECISION=prec,
-                              **_blocks(cfg))
+        cases = [(False, True, largest)] if quick else \
+            [(False, True, c) for c in cfgs] + [(True, True, largest), (False, False, largest)]
+        for int64, even, cfg in cases:
+            constexprs = dict(R=r, S=r, MASK=32, EVEN_K=even, EVEN_N=even, INT64=int64,
+                              UPCAST=False, PRECISION=prec, **_blocks(cfg))
             yield Variant("conv_dgrad_kernel", f"{_dtype_label(dt, prec)} {r}x{r} "
-                          f"{'int64 ' if int64 else ''}{_cfg_label(cfg)}",
+                          f"{'int64 ' if int64 else ''}{'' if even else 'tails '}"
+                          f"{_cfg_label(cfg)}",
                           dict(dy_ptr=f"*{dt}", w_ptr=f"*{dt}", dx_ptr=f"*{dt}", **ints),
                           constexprs, cfg.num_warps, cfg.num_stages, tc)
 

@@ -312,10 +312,17 @@ def flops(launch):
         r, s = c["R"], c["S"]
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
         groups = launch.grid[1]
-        pixels_out = a["M"] // (a["H"] * a["W"]) * a["P"] * a["Q"]
-        useful = 2 * pixels_out * a["K_G"] * groups * a["C_G"] * r * s
-        steps = r * s * _cdiv(a["K_G"], bk)
-        return useful, launch.programs() * steps * 2 * bm * bn * bk
+        from fastres.kernels.conv_bwd import dgrad_plan
+        sh, sw = a["stride_h"], a["stride_w"]
+        batch = a["M"] // (_cdiv(a["H"], sh) * _cdiv(a["W"], sw))
+        useful = 2 * batch * a["P"] * a["Q"] * a["K_G"] * groups * a["C_G"] * r * s
+        # grid axis 2: the stride phases; a phase's tiles run its landing taps x K chunks,
+        # the grid's other tiles (past a smaller phase's pixels) and tapless phases none
+        phases, _ = dgrad_plan(a["H"], a["W"], a["P"], a["Q"], r, s, (sh, sw),
+                               (a["pad_h"], a["pad_w"]), (a["dil_h"], a["dil_w"]))
+        steps = max(_cdiv(a["K_G"], bk), 1)
+        tiles = sum(_cdiv(batch * hv * wv, bm) * taps for hv, wv, taps in phases)
+        return useful, tiles * _cdiv(a["C_G"], bn) * groups * steps * 2 * bm * bn * bk
     if launch.kernel == "conv_wgrad_kernel":
         s = c["S"]
         r = a["RSC"] // (s * a["C_G"])

@@ -290,13 +290,17 @@ def dgrad_config(m: int, c_per_group: int, k_per_group: int,
 def _dgrad_gpu_config(m: int, c_per_group: int, k_per_group: int,
                       elem_bytes: int) -> ConvConfig:
     """K chunks of at most 128 bytes (64 bf16/fp16, 32 fp32: one swizzled shared-memory row),
-    BLOCK_N up to 128, 8 warps from 128x64 tiles up, 3 stages (at most 96 KiB): every such
-    config compiles for sm_90a to HGMMA without spilling in bf16, fp16 and tf32, int64
-    indexing included (``python -m fastres.aot``)."""
+    BLOCK_N up to 128, 8 warps from BLOCK_M * BLOCK_N * bytes >= 128 * 128 * 2 up (2-byte
+    128x128, fp32 128x64 and 64x128), else 4, 3 stages (at most 96 KiB): every such config
+    compiles for sm_90a to HGMMA without spilling in bf16, fp16 and tf32, int64 indexing
+    included (``python -m fastres.aot``). 4 warps at 2-byte 128x64 (the C = 64 layers): half
+    the issue slots per MMA cycle of 8 (ResNet-50 layer1 3x3 bf16: 0.56-0.64 instead of
+    0.84), 3 CTAs/SM; fp32 keeps 8 there (4 warps took 252 registers at tf32 64x128)."""
     bn = _pow2_at_least(c_per_group, 16, 128)
     bk = _pow2_at_least(k_per_group, 16, 128 // elem_bytes)
     bm = 128 if m >= SMALL_M and bn >= 64 else 64
-    return ConvConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 8192 else 4,
+    warps = 8 if bm * bn * elem_bytes >= 128 * 128 * 2 else 4
+    return ConvConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
                       num_stages=3)
 
 

@@ -6,8 +6,13 @@ memory): y[n, p, q, k] = sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*
 
   dgrad  dx[n, h, v, g*C_g + c] = sum_{r,s,k in group g} dy[n, p, q, k] * w[k, c, r, s]
          over the taps where p = (h + ph - r*dh) / sh and q = (v + pw - s*dw) / sw are integers
-         inside the output. Implicit GEMM: M = N*H*W input pixels, N = C_g, reduction over
-         taps then output channels of the group (masked loads skip non-landing taps).
+         inside the output. Decomposed into stride phases (grid axis 2): the input pixels
+         (a + sh*i, b + sw*j) of phase (a, b) receive only the taps with r*dh = a + ph (mod sh)
+         and s*dw = b + pw (mod sw), a progression of step sh/gcd(sh, dh) (sw/gcd(sw, dw)),
+         and read dy at (i + off_r, j + off_s). Per phase an implicit GEMM: M = N*HV*WV
+         pixels, N = C_g, reduction over the phase's landing taps then output channels of the
+         group, so a stride-2 dgrad executes no MMA for taps that miss; a phase no tap
+         reaches (1x1 stride 2: three of four) stores zeros. ``dgrad_plan`` is the host's view.
   wgrad  dw[k, c, r, s] = sum_{n,p,q} x[n, ih, iw, g*C_g + c] * dy[n, p, q, k], stored in the
          weight layout (OHWI). One tile per (tap, C_g block, K_g block, group, split):
          split-K over M = N*P*Q output pixels into fp32 partials (SPLIT, K, R, S, C_g), then
@@ -15,6 +20,9 @@ memory): y[n, p, q, k] = sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*
 
 Both accumulate in fp32; dx is rounded once to x's dtype, dw stays fp32.
 """
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -23,53 +31,141 @@ from .configs import dgrad_config, gpu_sms, wgrad_blocks, wgrad_split
 from .conv import _mma, dot_flags, needs_int64, pixel_coords, tile_ids
 
 
+@triton.jit
+def _phase_taps(a, n_in, n_out, pad, dil, stride, T: tl.constexpr):
+    """One axis of a stride phase (input rows a + stride*i, i < n_in, of a conv axis with T
+    taps and n_out output rows): (first tap, number of taps, output-row offset of the first).
+    Tap t lands on row a + stride*i iff a + pad - t*dil = stride*off (output row i + off);
+    those taps form a progression of step stride/gcd(stride, dil), trimmed to the ones whose
+    offset reaches an output row for some i (``dgrad_axis_taps`` on the host, the same rule)."""
+    first = T
+    count = 0
+    off0 = 0
+    for t in tl.static_range(T):
+        d = a + pad - t * dil
+        off = d // stride  # exact when it lands
+        lands = (d % stride == 0) & (off > -n_in) & (off < n_out) & (n_in > 0)
+        take = lands & (count == 0)
+        first = tl.where(take, t, first)
+        off0 = tl.where(take, off, off0)
+        count = count + lands.to(tl.int32)
+    return first, count, off0
+
+
 @triton.jit(do_not_specialize=["M"])
 def conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
     H, W, C, P, Q, M, K, C_G, K_G,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R: tl.constexpr, S: tl.constexpr,
+    TSTEP_H, TSTEP_W, OSTEP_H, OSTEP_W,
+    R: tl.constexpr, S: tl.constexpr, MASK: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # Stride phase (pa, pb) = program_id(2): input pixels (pa + sh*i, pb + sw*j). Tiles over
+    # the phase's own N x HV x WV pixels; the grid covers the largest phase (M pixels, phase
+    # 0). The main loop carries its counters (chunk kk, column tap tu, row tap tt, mask bit):
+    # no division, and every address is a loop-invariant pointer tensor plus a scalar.
     g = tl.program_id(1)
+    phase = tl.program_id(2)
+    pa = phase // stride_w
+    pb = phase % stride_w
+    hp0 = tl.cdiv(H, stride_h)
+    wp0 = tl.cdiv(W, stride_w)
+    hv = tl.cdiv(H - pa, stride_h)
+    wv = tl.cdiv(W - pb, stride_w)
+    m_phase = (M // (hp0 * wp0)) * hv * wv
+    r0, nr, off_h = _phase_taps(pa, hv, P, pad_h, dil_h, stride_h, R)
+    s0, ns, off_w = _phase_taps(pb, wv, Q, pad_w, dil_w, stride_w, S)
     pid_m, pid_n = tile_ids(M=M, N=C_G, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M)
+    # Taps that land x chunks of the group's output channels; none for a tile past the
+    # phase's pixels or a phase no tap reaches (its dx is the zeros acc starts as).
+    STEPS = tl.maximum(tl.cdiv(K_G, BLOCK_K), 1)
+    iters = tl.where(pid_m * BLOCK_M < m_phase, nr * ns * STEPS, 0)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_c = offs_c < C_G
     if INT64:
         offs_m = offs_m.to(tl.int64)
-    img, h, v = pixel_coords(offs_m, H, W)  # input pixels
+    img, i, j = pixel_coords(offs_m, tl.maximum(hv, 1), tl.maximum(wv, 1))
+    dx_row = ((img * H + pa + stride_h * i) * W + pb + stride_w * j) * C + g * C_G
 
-    # ONE loop over (tap, chunk of the group's output channels) steps, taps outer: Triton
-    # pipelines only the innermost loop of a nest (conv.py's main loop says why).
+    # Loads read clamped rows (always in bounds, results never stored), so only taps that
+    # miss the output, a K tail and a channel tail need masks. Row bases and the tap mask are
+    # computed here once; the loop adds scalar offsets.
+    ic = tl.minimum(i, hv - 1)
+    jc = tl.minimum(j, wv - 1)
+    imgc = tl.minimum(img, M // (hp0 * wp0) - 1)
+    c_ok = offs_c < C_G
+    a_ptrs = dy_ptr + ((((imgc * P + ic + off_h) * Q + jc + off_w) * K + g * K_G)[:, None]
+                       + offs_k[None, :])
+    b_ptrs = w_ptr + (((g * K_G + offs_k) * (R * S * C_G))[:, None]
+                      + ((r0 * S + s0) * C_G + offs_c)[None, :])
+    if MASK >= 32:  # bit t*ns + u: tap (t, u) reaches an output pixel from this row
+        hbits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for t in tl.static_range(R):
+            ph = ic + off_h - t * OSTEP_H
+            hbits |= ((ph >= 0) & (ph < P) & (t < nr)).to(tl.int32) << t
+        wbits = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for u in tl.static_range(S):
+            pw = jc + off_w - u * OSTEP_W
+            wbits |= ((pw >= 0) & (pw < Q) & (u < ns)).to(tl.int32) << u
+        mdt = tl.int32 if MASK == 32 else tl.int64
+        taps_ok = tl.zeros((BLOCK_M,), dtype=mdt)
+        for t in tl.static_range(R):
+            taps_ok |= tl.where(((hbits >> t) & 1) != 0,
+                                wbits.to(mdt) << tl.where(t < nr, t * ns, 0).to(mdt), 0)
+        bit = tl.full((), 1, mdt)
+
+    a_tap_h = OSTEP_H * Q * K  # dy offset of one row tap step
+    a_tap_w = OSTEP_W * K
+    b_tap_h = TSTEP_H * S * C_G  # weight offset of one row tap step
+    b_tap_w = TSTEP_W * C_G
+    b_chunk = BLOCK_K * (R * S * C_G)
+    kk = tl.zeros((), dtype=tl.int32)  # chunk, column tap, row tap: loop-carried counters
+    tu = tl.zeros((), dtype=tl.int32)
+    tt = tl.zeros((), dtype=tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    hp0 = h + pad_h
-    vq0 = v + pad_w
-    STEPS = tl.maximum(tl.cdiv(K_G, BLOCK_K), 1)
-    for it in range(0, R * S * STEPS):
-        tap = it // STEPS
-        ks = (it % STEPS) * BLOCK_K + offs_k
-        k_ok = ks < K_G
-        hp = hp0 - (tap // S) * dil_h
-        vq = vq0 - (tap % S) * dil_w
-        p = hp // stride_h
-        q = vq // stride_w
-        ok = (mask_m & (hp >= 0) & (hp % stride_h == 0) & (p < P)
-              & (vq >= 0) & (vq % stride_w == 0) & (q < Q))
-        dy_row = ((img * P + p) * Q + q) * K + g * K_G
-        w_tap = tap * C_G + offs_c
-        a = tl.load(dy_ptr + dy_row[:, None] + ks[None, :],
-                    mask=ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + ((g * K_G + ks) * (R * S * C_G))[:, None] + w_tap[None, :],
-                    mask=k_ok[:, None] & mask_c[None, :], other=0.0)
+    for _ in range(0, iters):
+        a_off = kk * BLOCK_K - tt * a_tap_h - tu * a_tap_w
+        b_off = kk * b_chunk + tt * b_tap_h + tu * b_tap_w
+        if MASK >= 32:
+            row_ok = (taps_ok & bit) != 0
+        elif MASK == 1:  # more taps than bits: compare
+            ph = ic + off_h - tt * OSTEP_H
+            pw = jc + off_w - tu * OSTEP_W
+            row_ok = (ph >= 0) & (ph < P) & (pw >= 0) & (pw < Q)
+        if EVEN_K:
+            if MASK == 0:
+                a = tl.load(a_ptrs + a_off)
+            else:
+                a = tl.load(a_ptrs + a_off, mask=row_ok[:, None], other=0.0)
+            if EVEN_N:
+                b = tl.load(b_ptrs + b_off)
+            else:
+                b = tl.load(b_ptrs + b_off, mask=c_ok[None, :], other=0.0)
+        else:
+            k_ok = kk * BLOCK_K + offs_k < K_G
+            if MASK == 0:
+                a = tl.load(a_ptrs + a_off, mask=k_ok[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs + a_off, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs + b_off, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+        kk += 1
+        next_tap = kk == STEPS
+        kk = tl.where(next_tap, 0, kk)
+        tu += next_tap.to(tl.int32)
+        next_row = tu == ns
+        tu = tl.where(next_row, 0, tu)
+        tt += next_row.to(tl.int32)
+        if MASK >= 32:
+            bit = bit << next_tap.to(mdt)
 
-    tl.store(dx_ptr + offs_m[:, None] * C + (g * C_G + offs_c)[None, :],
-             acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+    tl.store(dx_ptr + dx_row[:, None] + offs_c[None, :],
+             acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < m_phase)[:, None] & c_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -133,27 +229,74 @@ def sum_splits_kernel(part_ptr, out_ptr, SPLIT, NUMEL, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, acc, mask=mask)
 
 
+def dgrad_axis_taps(a: int, size: int, out: int, taps: int, stride: int, pad: int,
+                    dil: int) -> tuple:
+    """One axis of stride phase ``a`` (input rows a + stride*i, i < n): (n, first tap, number
+    of taps, output-row offset of the first). The kernel's ``_phase_taps``, on the host."""
+    n = max(0, -(-(size - a) // stride))
+    landing = [(t, (a + pad - t * dil) // stride) for t in range(taps)
+               if (a + pad - t * dil) % stride == 0
+               and -n < (a + pad - t * dil) // stride < out]
+    if not landing or not n:
+        return n, 0, 0, 0
+    return n, landing[0][0], len(landing), landing[0][1]
+
+
+@functools.lru_cache(maxsize=1024)
+def dgrad_plan(h: int, w: int, p: int, q: int, r: int, s: int, stride: tuple, padding: tuple,
+               dilation: tuple) -> tuple:
+    """The stride phases of a dgrad: ((rows, columns, taps) a phase, in phase order (a, b)
+    row-major; the MASK constexpr: 0 when every tap of every phase reaches an output pixel
+    from every input pixel of the phase, else the width of the per-row tap bitmask (32, 64)
+    or 1 (more than 64 taps: compare in the loop))."""
+    phases, masked, most = [], False, 0
+    axes = []
+    for size, out, taps, st, pad, dil in ((h, p, r, stride[0], padding[0], dilation[0]),
+                                          (w, q, s, stride[1], padding[1], dilation[1])):
+        ostep = dil // math.gcd(st, dil)
+        info = []
+        for a in range(st):
+            n, _, count, off0 = dgrad_axis_taps(a, size, out, taps, st, pad, dil)
+            info.append((n, count, count > 0 and not (
+                off0 <= out - n and off0 - (count - 1) * ostep >= 0)))
+        axes.append(info)
+    for n_h, c_h, m_h in axes[0]:
+        for n_w, c_w, m_w in axes[1]:
+            taps = c_h * c_w
+            phases.append((n_h, n_w, taps))
+            if n_h and n_w and taps:
+                masked = masked or m_h or m_w
+                most = max(most, taps)
+    mask = 0 if not masked else 32 if most <= 32 else 64 if most <= 64 else 1
+    return tuple(phases), mask
+
+
 def conv_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups):
     """dx (N, C, H, W) channels_last in dy's dtype. dy: (N, K, P, Q) channels_last-dense;
     w: the forward's weight (K, C/groups, R, S) in the kernels' layout
-    (``conv.kernel_weight``), dy's dtype."""
+    (``conv.kernel_weight``), dy's dtype. One launch: grid axis 2 over the stride phases."""
     n, c, h, wd = x_shape
     _, k, p, q = dy.shape
     r, s = w.shape[2:]
     dx = torch.empty((n, c, h, wd), dtype=dy.dtype, device=dy.device,
                      memory_format=torch.channels_last)
-    m = n * h * wd
-    if m == 0 or c == 0:
+    if n * h * wd == 0 or c == 0:
         return dx
+    sh, sw = stride
     c_g, k_g = c // groups, k // groups
+    m = n * -(-h // sh) * -(-wd // sw)  # the largest phase's pixels (phase 0)
+    _, mask = dgrad_plan(h, wd, p, q, r, s, tuple(stride), tuple(padding), tuple(dilation))
     cfg = dgrad_config(m, c_g, k_g, dy.itemsize)
     upcast, precision = dot_flags(dy.dtype)
-    grid = (-(-m // cfg.BLOCK_M) * -(-c_g // cfg.BLOCK_N), groups)  # ceiling divisions
+    gh, gw = math.gcd(sh, dilation[0]), math.gcd(sw, dilation[1])
+    grid = (-(-m // cfg.BLOCK_M) * -(-c_g // cfg.BLOCK_N), groups, sh * sw)
     conv_dgrad_kernel[grid](
         dy, w, dx, h, wd, c, p, q, m, k, c_g, k_g,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        R=r, S=s, INT64=needs_int64(dx, dy), UPCAST=upcast, PRECISION=precision,
-        **cfg.kwargs)
+        sh, sw, padding[0], padding[1], dilation[0], dilation[1],
+        sh // gh, sw // gw, dilation[0] // gh, dilation[1] // gw,
+        R=r, S=s, MASK=mask, EVEN_K=k_g % cfg.BLOCK_K == 0,
+        EVEN_N=c_g % cfg.BLOCK_N == 0, INT64=needs_int64(dx, dy, w),
+        UPCAST=upcast, PRECISION=precision, **cfg.kwargs)
     return dx
 
 

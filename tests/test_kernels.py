@@ -297,6 +297,45 @@ def test_dgrad_and_wgrad(geom, dtype):
     assert_close(dw.cpu(), ref, dtype, f"wgrad {geom}")
 
 
+# dgrad's stride phases (grid axis 2): strides 2 and 3, a phase no tap reaches (1x1 stride 2
+# padding 1), phases of unequal sizes over several M tiles, tiles past a smaller phase,
+# dilation, groups, padding 0..3, K and channel tails, 49 taps (64-bit tap mask), 81 taps
+# (compared in the loop), anisotropic geometry. (C, K, (R, S), stride, padding, dilation,
+# groups, H, W)
+DGRAD_PHASES = [
+    (8, 8, (3, 3), (3, 3), (1, 1), (1, 1), 1, 10, 11),
+    (8, 8, (1, 1), (2, 2), (1, 1), (1, 1), 1, 7, 6),
+    (8, 8, (1, 1), (3, 3), (0, 0), (1, 1), 1, 2, 2),
+    (8, 8, (5, 5), (3, 3), (2, 2), (1, 1), 1, 9, 10),
+    (8, 8, (3, 3), (2, 2), (0, 0), (3, 3), 1, 11, 9),
+    (8, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1, 1, 1),
+    (24, 16, (3, 3), (2, 2), (1, 1), (1, 1), 1, 17, 17),
+    (16, 16, (3, 3), (2, 2), (3, 3), (2, 2), 2, 12, 9),
+    (8, 40, (3, 3), (1, 1), (1, 1), (1, 1), 1, 5, 5),
+    (4, 8, (7, 7), (1, 1), (3, 3), (1, 1), 1, 8, 8),
+    (4, 8, (9, 9), (1, 1), (4, 4), (1, 1), 1, 9, 9),
+    (8, 12, (3, 2), (2, 3), (1, 0), (1, 2), 2, 9, 13),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geom", DGRAD_PHASES, ids=lambda g: "-".join(map(str, g)))
+def test_dgrad_stride_phases(geom, dtype):
+    c, k, (r, s), stride, pad, dil, groups, h, w = geom
+    g = torch.Generator().manual_seed(16)
+    weight = (torch.randn(k, c // groups, r, s, generator=g) / (c // groups * r * s) ** 0.5)
+    p = kconv.out_size(h, r, stride[0], pad[0], dil[0])
+    q = kconv.out_size(w, s, stride[1], pad[1], dil[1])
+    dy = torch.randn(2, k, p, q, generator=g).to(dtype)
+    weight = weight.to(dtype)
+    dx = conv_dgrad(_cl(dy), kernel_weight(weight.to(DEVICE)), (2, c, h, w), stride=stride,
+                    padding=pad, dilation=dil, groups=groups)
+    ref = torch.nn.grad.conv2d_input((2, c, h, w), weight.double(), dy.double(), stride=stride,
+                                     padding=pad, dilation=dil, groups=groups)
+    assert dx.dtype == dtype and dx.is_contiguous(memory_format=CL)
+    assert_close(dx.cpu(), ref, dtype, f"dgrad {geom}")
+
+
 @pytest.mark.parametrize("split", [2, 4])
 def test_wgrad_split_partials_sum_in_order(split):
     x, weight = _conv_inputs(8, 16, 3, 1, 12, 12, torch.float32, seed=15)
