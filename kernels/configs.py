@@ -5,18 +5,27 @@ A conv is the GEMM  (M = N*P*Q pixels) x (K = R*S*C/G) @ (K x N = output channel
 Its config depends on a shape *bucket*, never on the exact batch size, so a new batch size
 reuses a compiled kernel:
 
-    BLOCK_M  64 when M < SMALL_M (late stages at small batch: more tiles to fill 132 SMs), else 128
+    BLOCK_M  64 when M < SMALL_M (late stages at small batch: more tiles to fill 132 SMs), else 128;
+             256 for a packed 2-byte conv (the stem: ``packed``), whose K step is one kernel row
+             of 28 (s, c) pairs: twice the MMA work for an iteration's fixed cost (sm_90a issue
+             ratio 0.83 -> 0.62, 2 CTAs/SM at 4 warps)
     BLOCK_N  the channels per group rounded up to a power of two, 16..N_CAP[bytes]: 128 for
              2-byte dtypes (a 128x256 tile, 8 warps, spills 88-96 B/thread with the residual
              epilogue in the sm_90a compile), 64 for fp32 (the ieee-precision dgrad spills at
              128x128); at most SHORTCUT_N_CAP = 64 with a projection shortcut, whose second
-             fp32 accumulator made the bf16 128x128 tile (8 warps) spill 8-288 B/thread
+             fp32 accumulator made the bf16 128x128 tile (8 warps) spill 8-288 B/thread; at most
+             64 for a 1x1 conv below the H200's ridge (``memory_bound_gemm``): a 128x128
+             tile's BN/residual epilogue takes 180-241 registers (1 CTA/SM), a 128x64 tile on
+             4 warps 128-164 (2-3 CTAs/SM), and a memory-bound launch needs the CTAs more
+             than the reuse
     BLOCK_K  the input channels per group rounded up, 16..(128 bytes of one row: 64 bf16/fp16,
              32 fp32), the row a 128-byte shared-memory swizzle wants
-    warps    8 from BLOCK_M * BLOCK_N * bytes >= 128 * 64 * 2 up (two warpgroups share the
-             wgmma tile), else 4: at 4 warps the 128x64 bf16 tile with int64 indexing and the
-             128x32/128x64 fp32 tiles spilled 24-288 B/thread in the sm_90a compile
-    stages   as many as fit SMEM_BUDGET, 2..4: (BLOCK_M + BLOCK_N) * BLOCK_K * bytes each
+    warps    8 from BLOCK_M * BLOCK_N * bytes >= 128 * 128 * 2 up (two warpgroups share the
+             wgmma tile), else 4. (Earlier main loops spilled at 4 warps for 128x64 bf16 with
+             int64 indexing; the loop that carries its tap and row offsets does not.)
+    stages   as many as fit SMEM_BUDGET, 2..4: (BLOCK_M + BLOCK_N) * BLOCK_K * bytes each, and
+             no more than the main loop's trip count + 1 (more stages only load zeros); 1x1
+             convs at most 3 (96 KiB at 128x128x64: 2 CTAs fit an SM)
 
 Every dot dimension is >= 16 and BLOCK_M * num_warps fit Hopper's wgmma (64 rows per
 warpgroup), so bf16/fp16/tf32 dots lower to wgmma: ``python -m fastres.aot`` checks this for
@@ -134,12 +143,14 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
     return p
 
 
-def _make(bm: int, bn: int, bk: int, elem_bytes: int, shortcut: bool = False,
+def _make(bm: int, bn: int, bk: int, elem_bytes: int,
           trips: Optional[int] = None) -> ConvConfig:
-    """warps: 8 from a 128x128 2-byte tile up (64x128 fp32), 8 from 128x64 with a projection
-    shortcut's second accumulator, else 4; stages: as many as fit SMEM_BUDGET, 2..4, and no
-    more than the main loop's ``trips`` + 1 (a stage past the trip count only loads zeros)."""
-    big = bm * bn * elem_bytes >= (128 * 64 * 2 if shortcut else 128 * 128 * 2)
+    """warps: 8 from a 128x128 2-byte tile up (64x128 fp32), else 4 (a projection shortcut's
+    second accumulator included: 128x64 bf16 with both takes 249 registers on 4 warps, 2
+    CTAs/SM, against 174 on 8 warps, 1 CTA/SM); stages: as many as fit SMEM_BUDGET, 2..4, and
+    no more than the main loop's ``trips`` + 1 (a stage past the trip count only loads
+    zeros)."""
+    big = bm * bn * elem_bytes >= 128 * 128 * 2
     stages = max(2, min(4, SMEM_BUDGET // ((bm + bn) * bk * elem_bytes)))
     if trips is not None:
         stages = max(2, min(stages, trips + 1))
@@ -177,8 +188,7 @@ def heuristic_config(m: int, n_per_group: int, c_per_group: int, elem_bytes: int
     bk = _pow2_at_least(c_per_group, 16, 128 // elem_bytes)
     if packed and not shortcut and elem_bytes == 2 and bn <= 64 and m >= SMALL_M:
         return ConvConfig(256, bn, bk, num_warps=4, num_stages=min(4, taps + 1))
-    return _make(128 if m >= SMALL_M else 64, bn, bk, elem_bytes, shortcut,
-                 _trips(taps, c_per_group, bk))
+    return _make(128 if m >= SMALL_M else 64, bn, bk, elem_bytes, _trips(taps, c_per_group, bk))
 
 
 # bucket -> config, for pick_config, dgrad_config and wgrad_blocks. M enters a bucket as
@@ -251,7 +261,7 @@ def tune_candidates(m: int, n_per_group: int, c_per_group: int, elem_bytes: int,
     out = [heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut, taps, packed)]
     for bm in (64, 128):
         for bn in (32, 64, 128):
-            cfg = _make(bm, min(bn, n_cap), k_cap, elem_bytes, shortcut, trips)
+            cfg = _make(bm, min(bn, n_cap), k_cap, elem_bytes, trips)
             if cfg not in out:
                 out.append(cfg)
     return out

@@ -27,9 +27,14 @@ the result is exact. As a GEMM: M = N*P*Q output pixels, N = K_g output channels
 over taps then channels (C innermost, contiguous). ``rstep``/``roff`` express the CIFAR
 option-A shortcut (strided identity, zero-padded channels) as a load pattern. ``GEMM`` (1x1,
 stride 1, no padding) is the plain-GEMM path: x is read as an (M, C) matrix, no per-tap index
-arithmetic or bounds masks. ``PACK`` (fewer than 16 channels a group) reduces over the (s, c)
-pairs of each kernel row as one K axis: the 7x7 stem's K per row is 21 (one 32-wide chunk)
-instead of 7 chunks of 16.
+arithmetic or bounds masks. ``PACK`` (fewer than 16 channels a group; its value is the
+channels a group) reduces over the (s, c) pairs of each kernel row as one K axis: the 7x7
+stem's K per row is 28 (one 32-wide chunk) instead of 7 chunks of 16. The stem's input is
+padded by ``pad_input`` (one pass) to 4 channels and in space, so a kernel row's pairs are 28
+contiguous elements of one input row (``ROW``: 8-byte async copies) and no tap needs a bounds
+check (``PAD0``, which every conv without padding gets: each tap of an output pixel lies in
+the input). ``EVEN_K``/``EVEN_N``: the channel chunks and output-channel tiles are whole, so
+the main loop's loads carry no channel masks.
 
 Shared with the backward and BatchNorm kernels: ``tile_ids`` (program -> output tile),
 ``pixel_coords`` (flat pixel index -> image, row, column), ``_mma`` with its host-side flags
@@ -527,7 +532,7 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
     cfg = config or pick_config(  # autotune (FASTRES_AUTOTUNE=1) times launch(cfg)
         m, k_g, chunk, x.itemsize, taps,
         launch=lambda cfg: conv_fused(**dict(args, config=cfg)), shortcut=shortcut is not None,
-        packed=pack)
+        packed=pack and groups == 1)
     tiles_m = -(-m // cfg.BLOCK_M)  # ceiling divisions
     tiles = tiles_m * -(-k_g // cfg.BLOCK_N)
     if split is None:
