@@ -213,27 +213,31 @@ def conv_dgrad_variants(quick):
 
 
 def conv_wgrad_variants(quick):
-    """``configs.all_wgrad_blocks()`` per dtype with S = 3; the largest tile also with S = 1
-    and 7 (S only enters the tap index arithmetic) and with int64 indexing. --quick: the
-    largest tile, S = 3, int32 indexing."""
+    """``configs.all_wgrad_blocks`` of each dtype's size on the 3x3 path (carried pixel
+    coordinates, bounds masks); the largest tile also on the 1x1 plain-GEMM path, on the 7x7
+    packed-taps path (C = 3: the stem) and with int64 indexing (S only enters the tap index
+    arithmetic). --quick: the largest tile on the 3x3 and packed paths, int32 indexing."""
     from fastres.kernels.configs import all_wgrad_blocks
-    tiles = all_wgrad_blocks()
-    largest = max(tiles, key=lambda b: b.BLOCK_C * b.BLOCK_N * b.BLOCK_M)
-    cases = [(3, False, largest)] if quick else \
-        [(3, False, b) for b in tiles] + [(1, False, largest), (7, False, largest),
-                                          (3, True, largest)]
-    for (dt, prec, tc), (s, int64, tile) in itertools.product(_dtypes(quick), cases):
-        blocks = dict(tile.kwargs)
-        warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
-        ints = _conv_ints(s, 1, blocks["BLOCK_C"], blocks["BLOCK_N"])
-        constexprs = dict(S=s, INT64=int64, UPCAST=False, PRECISION=prec, **blocks)
-        tile_label = " ".join(f"{n[6:]}{v}" for n, v in blocks.items())
-        yield Variant(
-            "conv_wgrad_kernel", f"{_dtype_label(dt, prec)} S{s} {'int64 ' if int64 else ''}"
-            f"{tile_label} w{warps} s{stages}",
-            dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", M_PER_SPLIT=ints["M"] // 8,
-                 RSC=s * s * blocks["BLOCK_C"], **ints), constexprs, warps, stages, tc,
-            wgmma=False)  # configs.wgrad_blocks' tiles: BLOCK_C < 64 takes mma.sync
+    for dt, prec, tc in _dtypes(quick):
+        tiles = all_wgrad_blocks(ELEM_BYTES[dt])
+        largest = max(tiles, key=lambda b: b.BLOCK_C * b.BLOCK_N * b.BLOCK_M)
+        extras = [(1, "gemm", False, largest), (7, "pack", False, largest)]
+        cases = [(3, "", False, largest), extras[1]] if quick else \
+            [(3, "", False, b) for b in tiles] + extras + [(3, "", True, largest)]
+        for s, path, int64, tile in cases:
+            blocks = dict(tile.kwargs)
+            warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
+            c = 3 if path == "pack" else blocks["BLOCK_C"]
+            ints = _conv_ints(s, 2 if path == "pack" else 1, c, blocks["BLOCK_N"])
+            constexprs = dict(S=s, INT64=int64, UPCAST=False, PRECISION=prec,
+                              GEMM=path == "gemm", PACK=path == "pack", **blocks)
+            tile_label = " ".join(f"{n[6:]}{v}" for n, v in blocks.items())
+            yield Variant(
+                "conv_wgrad_kernel", f"{_dtype_label(dt, prec)} S{s} {path + ' ' if path else ''}"
+                f"{'int64 ' if int64 else ''}{tile_label} w{warps} s{stages}",
+                dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", M_PER_SPLIT=ints["M"] // 8,
+                     RSC=s * s * c, **ints), constexprs, warps, stages, tc,
+                wgmma=False)  # BLOCK_N < 64 (few output channels a group) takes mma.sync
 
 
 # Elementwise / reduction kernels without a dot: every flag on, every flag off, per dtype.
