@@ -235,8 +235,9 @@ def conv_wgrad_variants(quick):
             yield Variant(
                 "conv_wgrad_kernel", f"{_dtype_label(dt, prec)} S{s} {path + ' ' if path else ''}"
                 f"{'int64 ' if int64 else ''}{tile_label} w{warps} s{stages}",
-                dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", M_PER_SPLIT=ints["M"] // 8,
-                     RSC=s * s * c, **ints), constexprs, warps, stages, tc,
+                dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", **ints,
+                     CHUNKS=ints["M"] // blocks["BLOCK_M"], CHUNKS_PER_SPLIT=ints["M"] // 1024,
+                     BOX_P=4, BOX_Q=8, RSC=s * s * c), constexprs, warps, stages, tc,
                 wgmma=False)  # BLOCK_N < 64 (few output channels a group) takes mma.sync
 
 

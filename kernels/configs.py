@@ -309,6 +309,24 @@ def _wgrad_gpu_blocks(c_per_group: int, k_per_group: int, elem_bytes: int) -> Wg
                        num_stages=stages)
 
 
+def wgrad_box(n: int, p: int, q: int, block_m: int) -> tuple:
+    """wgrad's chunk of ``block_m`` output pixels as a box (images, rows, columns), powers of
+    two: the one that pads the N x P x Q pixels least (then the widest, then the tallest), so
+    that boxes tile ResNet's 112/56/28/14/7-pixel images and batches of 2^k exactly."""
+    best = None
+    bq = 1
+    while bq <= block_m:
+        bp = 1
+        while bq * bp <= block_m:
+            bi = block_m // (bq * bp)
+            key = (-(-n // bi) * bi * -(-p // bp) * bp * -(-q // bq) * bq, -bq, -bp)
+            if best is None or key < best[0]:
+                best = (key, (bi, bp, bq))
+            bp *= 2
+        bq *= 2
+    return best[1]
+
+
 def all_wgrad_blocks(elem_bytes: Optional[int] = None) -> list:
     """Every tile ``wgrad_blocks`` can return on a GPU for a dtype of ``elem_bytes`` bytes
     (both sizes when None): the set the ahead-of-time check compiles."""
