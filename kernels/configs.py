@@ -299,11 +299,13 @@ def wgrad_blocks(m: int, c_per_group: int, k_per_group: int,
 def _wgrad_gpu_blocks(c_per_group: int, k_per_group: int, elem_bytes: int) -> WgradBlocks:
     """dw^T tile: BLOCK_N output channels (the wgmma's M: 64 a warpgroup, 8 warps from 128)
     x BLOCK_C columns (its N), reduced over 256 bytes of pixels a step (BLOCK_M 128 bf16/fp16,
-    64 fp32), as many stages (2..4) as SMEM_BUDGET holds. Fewer than 64 output channels a
-    group (BLOCK_N 16/32) take mma.sync."""
+    64 fp32), 512 below 64x128 tiles (the loop's fixed instructions over twice the MMAs:
+    the 64x64 3x3 and the stem's 64x32 were issue-bound at 128), as many stages (2..4) as
+    SMEM_BUDGET holds. Fewer than 64 output channels a group (BLOCK_N 16/32) take
+    mma.sync."""
     bc = _pow2_at_least(c_per_group, 16, 128)
     bn = _pow2_at_least(k_per_group, 16, 128)
-    bm = 256 // elem_bytes
+    bm = (256 if bc * bn >= 64 * 128 else 512) // elem_bytes
     stages = max(2, min(4, SMEM_BUDGET // ((bc + bn) * bm * elem_bytes)))
     return WgradBlocks(BLOCK_C=bc, BLOCK_N=bn, BLOCK_M=bm, num_warps=8 if bn >= 128 else 4,
                        num_stages=stages)

@@ -84,8 +84,14 @@ def _wgrad_chunk(acc, x_ptr, dy_ptr, dy_at, dy_tile, dy_ok, x_at, x_tile, x_ok,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc[n, c] += sum over the chunk's pixels i of dy[i, n] * x[i, c]: dy at dy_at + dy_tile
     ([n, i]), x at x_at + x_tile ([i, c]), zero where the masks are off."""
-    a = tl.load(dy_ptr + dy_at + dy_tile, mask=dy_ok, other=0.0)
-    b = tl.load(x_ptr + x_at + x_tile, mask=x_ok, other=0.0)
+    if dy_ok is None:  # (EXACT)
+        a = tl.load(dy_ptr + dy_at + dy_tile)
+    else:
+        a = tl.load(dy_ptr + dy_at + dy_tile, mask=dy_ok, other=0.0)
+    if x_ok is None:
+        b = tl.load(x_ptr + x_at + x_tile)
+    else:
+        b = tl.load(x_ptr + x_at + x_tile, mask=x_ok, other=0.0)
     return _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
 
 
@@ -163,13 +169,17 @@ def conv_wgrad_kernel(
         dy_tile = (offs_i * K)[None, :] + (g * K_G + offs_n)[:, None]
         x_tile = (offs_i * C)[:, None] + col[None, :]
         t_full = min(t_end, M // BLOCK_M)
+        dy_ok = None
+        x_ok = None
+        if not EXACT:
+            dy_ok = mask_n[:, None]
+            x_ok = mask_c[None, :]
         for t in range(t_start, t_full):
             m0 = t * BLOCK_M
             if INT64:
                 m0 = m0.to(tl.int64)
-            acc = _wgrad_chunk(acc, x_ptr, dy_ptr, m0 * K, dy_tile, mask_n[:, None],
-                               m0 * C, x_tile, mask_c[None, :], UPCAST=UPCAST,
-                               PRECISION=PRECISION)
+            acc = _wgrad_chunk(acc, x_ptr, dy_ptr, m0 * K, dy_tile, dy_ok, m0 * C, x_tile, x_ok,
+                               UPCAST=UPCAST, PRECISION=PRECISION)
         if t_full < t_end:
             m0 = t_full * BLOCK_M
             if INT64:
@@ -217,8 +227,8 @@ def conv_wgrad_kernel(
             x_ok = _u32(dp + (p0 - p_lo)) < _u32(p_hi - p_lo)
             if not (PACK and EXACT):  # (PACK: the range is [0, Q))
                 x_ok = x_ok & (_u32(dq + (q0 - q_lo)) < _u32(q_hi - q_lo))
-            if EXACT:
-                dy_ok = mask_n[:, None]
+            if EXACT:  # (and the tile's rows and columns are all in the conv)
+                dy_ok = None
             else:
                 img_ok = di < N - i0
                 x_ok = x_ok & img_ok
@@ -236,6 +246,8 @@ def conv_wgrad_kernel(
                 x_ok = x_ok[:, None] & (_u32(run_at + row_at) < _u32(W * C))
             elif PACK:  # each pair's input column in the row
                 x_ok = x_ok[:, None] & mask_c[None, :] & (_u32(run_at + iw0) < _u32(W))
+            elif EXACT:
+                x_ok = x_ok[:, None]
             else:
                 x_ok = x_ok[:, None] & mask_c[None, :]
             acc = _wgrad_chunk(acc, x_ptr, dy_ptr, ((i0_wide * P + p0) * Q + q0) * K, dy_tile,
@@ -344,6 +356,9 @@ def conv_wgrad(x, dy, *, kernel_size, stride, padding, dilation, groups, split=N
     box_i, box_p, box_q = (blocks.BLOCK_M, 1, 1) if gemm else wgrad_box(n, p, q, blocks.BLOCK_M)
     chunks = -(-n // box_i) * -(-p // box_p) * -(-q // box_q) if not gemm else \
         -(-m // blocks.BLOCK_M)
+    # EXACT: the boxes tile the pixels and the tiles the channels (no masks but the taps')
+    exact = (gemm or n % box_i == p % box_p == q % box_q == 0) and \
+        k_g % blocks.BLOCK_N == 0 and (pack or c_g % blocks.BLOCK_C == 0)
     if split is None:
         sms = gpu_sms(x.device)
         split = 1 if sms is None else wgrad_split(tiles * groups, chunks, sms)
@@ -357,7 +372,7 @@ def conv_wgrad(x, dy, *, kernel_size, stride, padding, dilation, groups, split=N
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         chunks, per_split, box_p, box_q, r * s * c_g,
         S=s, INT64=needs_int64(x, dy), UPCAST=upcast, PRECISION=precision, GEMM=gemm,
-        PACK=pack, EXACT=gemm or n % box_i == p % box_p == q % box_q == 0, **blocks.kwargs)
+        PACK=pack, EXACT=exact, **blocks.kwargs)
     if split > 1:
         sum_splits_kernel[(-(-dw.numel() // 1024),)](part, dw, split, dw.numel(), BLOCK=1024)
     return dw
