@@ -111,8 +111,8 @@ class ConvConfig:
 
 @dataclass(frozen=True)
 class WgradBlocks:
-    """wgrad's tile: BLOCK_C input channels of one tap x BLOCK_N output channels, reduced over
-    output pixels in chunks of BLOCK_M."""
+    """wgrad's tile: BLOCK_N output channels x BLOCK_C columns (a tap's input channels, or a
+    packed kernel row's (s, c) pairs), reduced over output pixels in chunks of BLOCK_M."""
     BLOCK_C: int
     BLOCK_N: int
     BLOCK_M: int
@@ -298,14 +298,18 @@ def wgrad_blocks(m: int, c_per_group: int, k_per_group: int,
 
 def _wgrad_gpu_blocks(c_per_group: int, k_per_group: int, elem_bytes: int) -> WgradBlocks:
     """dw^T tile: BLOCK_N output channels (the wgmma's M: 64 a warpgroup, 8 warps from 128)
-    x BLOCK_C columns (its N), reduced over 256 bytes of pixels a step (BLOCK_M 128 bf16/fp16,
-    64 fp32), 512 below 64x128 tiles (the loop's fixed instructions over twice the MMAs:
-    the 64x64 3x3 and the stem's 64x32 were issue-bound at 128), as many stages (2..4) as
-    SMEM_BUDGET holds. Fewer than 64 output channels a group (BLOCK_N 16/32) take
-    mma.sync."""
+    x BLOCK_C columns (its N), reduced over BLOCK_M pixels a step: 128 for 2-byte dtypes, 256
+    for the 64x64 and 64x32 tiles (ResNet's 64-channel 3x3 and the stem: the loop's fixed
+    instructions over twice the MMAs; both were issue-bound at 128); 64 for fp32 from 128
+    output channels, else 32 (tf32 wgmma wants K-major operands: larger fp32 tiles spilled
+    200-344 B in the sm_90a compile). As many stages (2..4) as SMEM_BUDGET holds. Fewer than
+    64 output channels a group (BLOCK_N 16/32) take mma.sync."""
     bc = _pow2_at_least(c_per_group, 16, 128)
     bn = _pow2_at_least(k_per_group, 16, 128)
-    bm = (256 if bc * bn >= 64 * 128 else 512) // elem_bytes
+    if elem_bytes == 4:
+        bm = 64 if bn >= 128 else 32
+    else:
+        bm = 256 if bn == 64 and bc in (32, 64) else 128
     stages = max(2, min(4, SMEM_BUDGET // ((bc + bn) * bm * elem_bytes)))
     return WgradBlocks(BLOCK_C=bc, BLOCK_N=bn, BLOCK_M=bm, num_warps=8 if bn >= 128 else 4,
                        num_stages=stages)

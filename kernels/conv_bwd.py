@@ -9,9 +9,17 @@ memory): y[n, p, q, k] = sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*
          inside the output. Implicit GEMM: M = N*H*W input pixels, N = C_g, reduction over
          taps then output channels of the group (masked loads skip non-landing taps).
   wgrad  dw[k, c, r, s] = sum_{n,p,q} x[n, ih, iw, g*C_g + c] * dy[n, p, q, k], stored in the
-         weight layout (OHWI). One tile per (tap, C_g block, K_g block, group, split):
-         split-K over M = N*P*Q output pixels into fp32 partials (SPLIT, K, R, S, C_g), then
-         summed over splits in a fixed order (no atomics: deterministic).
+         weight layout (OHWI). One dw^T tile (K_g block x C_g block: the output channels in
+         the wgmma's M) per (tap, blocks, group, split), reduced over the N*P*Q output pixels
+         in chunks of BLOCK_M: a 1x1 stride-1 conv's chunks are runs of pixels (a GEMM), any
+         other's boxes of images x rows x columns (``configs.wgrad_box``) whose pixels sit at
+         loop-invariant offsets from the box corner, so the main loop has no division and
+         only the taps' bounds masks when the boxes and tiles fit the conv. Few channels a
+         group (the stem's 3) reduce over a kernel row's (s, c) pairs; with groups 1 and
+         dilation 1 each pixel's row is one run of x, padded to 4 channels and read in
+         16-byte pieces (``wgrad_run``). Split-K over the chunks into fp32 partials
+         (SPLIT, K, R, S, C_g), then summed over splits in a fixed order (no atomics:
+         deterministic).
 
 Both accumulate in fp32; dx is rounded once to x's dtype, dw stays fp32.
 """
