@@ -221,27 +221,42 @@ def conv_dgrad_variants(quick):
 
 
 def conv_wgrad_variants(quick):
-    """``configs.all_wgrad_blocks()`` per dtype with S = 3; the largest tile also with S = 1
-    and 7 (S only enters the tap index arithmetic) and with int64 indexing. --quick: the
-    largest tile, S = 3, int32 indexing."""
-    from fastres.kernels.configs import all_wgrad_blocks
-    tiles = all_wgrad_blocks()
-    largest = max(tiles, key=lambda b: b.BLOCK_C * b.BLOCK_N * b.BLOCK_M)
-    cases = [(3, False, largest)] if quick else \
-        [(3, False, b) for b in tiles] + [(1, False, largest), (7, False, largest),
-                                          (3, True, largest)]
-    for (dt, prec, tc), (s, int64, tile) in itertools.product(_dtypes(quick), cases):
-        blocks = dict(tile.kwargs)
-        warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
-        ints = _conv_ints(s, 1, blocks["BLOCK_C"], blocks["BLOCK_N"])
-        constexprs = dict(S=s, INT64=int64, UPCAST=False, PRECISION=prec, **blocks)
-        tile_label = " ".join(f"{n[6:]}{v}" for n, v in blocks.items())
-        yield Variant(
-            "conv_wgrad_kernel", f"{_dtype_label(dt, prec)} S{s} {'int64 ' if int64 else ''}"
-            f"{tile_label} w{warps} s{stages}",
-            dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", M_PER_SPLIT=ints["M"] // 8,
-                 RSC=s * s * blocks["BLOCK_C"], **ints), constexprs, warps, stages, tc,
-            wgmma=False)  # configs.wgrad_blocks' tiles: BLOCK_C < 64 takes mma.sync
+    """``configs.all_wgrad_blocks`` of each dtype's size on the 3x3 path (box chunks, exact:
+    only the taps' bounds masked); the largest tile also on the 1x1 plain-GEMM path, on the
+    7x7 stride-2 packed path reading 16-byte runs of x padded to 4 channels (the stem), with
+    boxes and tiles that do not fit the conv exactly (every mask on) and with int64 indexing
+    (S only enters the tap index arithmetic). --quick: the largest tile on the 3x3 and
+    packed paths, int32 indexing."""
+    from fastres.kernels.configs import _wgrad_gpu_blocks, all_wgrad_blocks
+    for dt, prec, tc in _dtypes(quick):
+        tiles = all_wgrad_blocks(ELEM_BYTES[dt])
+        largest = max(tiles, key=lambda b: b.BLOCK_C * b.BLOCK_N * b.BLOCK_M)
+        stem = _wgrad_gpu_blocks(32, 64, ELEM_BYTES[dt])  # 7*3 + 4 padding + 4 lead-in
+        # (S, path, exact, int64, tile)
+        extras = [(1, "gemm", True, False, largest), (7, "pack", True, False, stem)]
+        cases = [(3, "", True, False, largest), extras[1]] if quick else \
+            [(3, "", True, False, b) for b in tiles] + extras + \
+            [(3, "", False, False, largest), (3, "", True, True, largest)]
+        for s, path, exact, int64, tile in cases:
+            blocks = dict(tile.kwargs)
+            warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
+            pack = 16 // ELEM_BYTES[dt] if path == "pack" else 0
+            ints = _conv_ints(s, 2 if pack else 1, 3 if pack else blocks["BLOCK_C"],
+                              blocks["BLOCK_N"])
+            if pack:  # the stem: 224x224 images, x padded to 4 channels
+                ints.update(H=224, W=224, C=4, P=112, Q=112, M=256 * 112 * 112, pad_h=3,
+                            pad_w=3)
+            constexprs = dict(S=s, INT64=int64, UPCAST=False, PRECISION=prec,
+                              GEMM=path == "gemm", PACK=pack, EXACT=exact, **blocks)
+            tile_label = " ".join(f"{n[6:]}{v}" for n, v in blocks.items())
+            yield Variant(
+                "conv_wgrad_kernel", f"{_dtype_label(dt, prec)} S{s} {path + ' ' if path else ''}"
+                f"{'' if exact else 'masked '}{'int64 ' if int64 else ''}{tile_label} "
+                f"w{warps} s{stages}",
+                dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", **ints,
+                     CHUNKS=ints["M"] // blocks["BLOCK_M"], CHUNKS_PER_SPLIT=ints["M"] // 1024,
+                     BOX_P=4, BOX_Q=8, RSC=s * s * ints["C_G"]), constexprs, warps, stages, tc,
+                wgmma=False)  # BLOCK_N < 64 (few output channels a group) takes mma.sync
 
 
 # Elementwise / reduction kernels without a dot: every flag on, every flag off, per dtype.

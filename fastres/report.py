@@ -327,11 +327,9 @@ def flops(launch):
         s = c["S"]
         r = a["RSC"] // (s * a["C_G"])
         bc, bn, bm = c["BLOCK_C"], c["BLOCK_N"], c["BLOCK_M"]
-        tiles, groups, split = launch.grid
+        tiles, groups, _ = launch.grid  # the splits share the CHUNKS chunks out
         useful = 2 * a["M"] * a["K_G"] * groups * a["C_G"] * r * s
-        per_split = a["M_PER_SPLIT"]
-        chunks = sum(_cdiv(min(per_split, a["M"] - i * per_split), bm) for i in range(split))
-        return useful, tiles * groups * chunks * 2 * bc * bn * bm
+        return useful, tiles * groups * a["CHUNKS"] * 2 * bc * bn * bm
     return 0, 0
 
 

@@ -121,8 +121,8 @@ class ConvConfig:
 
 @dataclass(frozen=True)
 class WgradBlocks:
-    """wgrad's tile: BLOCK_C input channels of one tap x BLOCK_N output channels, reduced over
-    output pixels in chunks of BLOCK_M."""
+    """wgrad's tile: BLOCK_N output channels x BLOCK_C columns (a tap's input channels, or a
+    packed kernel row's (s, c) pairs), reduced over output pixels in chunks of BLOCK_M."""
     BLOCK_C: int
     BLOCK_N: int
     BLOCK_M: int
@@ -329,34 +329,68 @@ def all_dgrad_configs(elem_bytes: Optional[int] = None) -> list:
     return out
 
 
-def wgrad_blocks(m: int, c_per_group: int, k_per_group: int) -> WgradBlocks:
-    """wgrad tiles (``WgradBlocks``) for M output pixels, c_per_group input and k_per_group
-    output channels. Memoized per bucket."""
-    key = ("wgrad", (m - 1).bit_length(), c_per_group, k_per_group)
+def wgrad_blocks(m: int, c_per_group: int, k_per_group: int,
+                 elem_bytes: int = 2) -> WgradBlocks:
+    """wgrad tiles (``WgradBlocks``) for M output pixels, c_per_group columns (input channels,
+    or a packed kernel row's (s, c) pairs) and k_per_group output channels of ``elem_bytes``
+    each. Memoized per bucket."""
+    key = ("wgrad", (m - 1).bit_length(), c_per_group, k_per_group, elem_bytes)
     if key not in _PICKED:
         _PICKED[key] = WgradBlocks(BLOCK_C=_pow2_at_least(c_per_group, 16, 64),
                                    BLOCK_N=_pow2_at_least(k_per_group, 16, 64),
                                    BLOCK_M=_pow2_at_least(m, 16, 128), num_warps=1,
                                    num_stages=1) if INTERPRET else \
-            _wgrad_gpu_blocks(c_per_group, k_per_group)
+            _wgrad_gpu_blocks(c_per_group, k_per_group, elem_bytes)
     return _PICKED[key]
 
 
-def _wgrad_gpu_blocks(c_per_group: int, k_per_group: int) -> WgradBlocks:
-    return WgradBlocks(BLOCK_C=_pow2_at_least(c_per_group, 16, 64),
-                       BLOCK_N=_pow2_at_least(k_per_group, 16, 128), BLOCK_M=32, num_warps=4,
-                       num_stages=3)
+def _wgrad_gpu_blocks(c_per_group: int, k_per_group: int, elem_bytes: int) -> WgradBlocks:
+    """dw^T tile: BLOCK_N output channels (the wgmma's M: 64 a warpgroup, 8 warps from 128)
+    x BLOCK_C columns (its N), reduced over BLOCK_M pixels a step: 128 for 2-byte dtypes, 256
+    for the 64x64 and 64x32 tiles (ResNet's 64-channel 3x3 and the stem: the loop's fixed
+    instructions over twice the MMAs; both were issue-bound at 128); 64 for fp32 from 128
+    output channels, else 32 (tf32 wgmma wants K-major operands: larger fp32 tiles spilled
+    200-344 B in the sm_90a compile). As many stages (2..4) as SMEM_BUDGET holds. Fewer than
+    64 output channels a group (BLOCK_N 16/32) take mma.sync."""
+    bc = _pow2_at_least(c_per_group, 16, 128)
+    bn = _pow2_at_least(k_per_group, 16, 128)
+    if elem_bytes == 4:
+        bm = 64 if bn >= 128 else 32
+    else:
+        bm = 256 if bn == 64 and bc in (32, 64) else 128
+    stages = max(2, min(4, SMEM_BUDGET // ((bc + bn) * bm * elem_bytes)))
+    return WgradBlocks(BLOCK_C=bc, BLOCK_N=bn, BLOCK_M=bm, num_warps=8 if bn >= 128 else 4,
+                       num_stages=stages)
 
 
-def all_wgrad_blocks() -> list:
-    """Every tile ``wgrad_blocks`` can return on a GPU: the set the ahead-of-time check
-    compiles."""
+def wgrad_box(n: int, p: int, q: int, block_m: int) -> tuple:
+    """wgrad's chunk of ``block_m`` output pixels as a box (images, rows, columns), powers of
+    two: the one that pads the N x P x Q pixels least (then the widest, then the tallest), so
+    that boxes tile ResNet's 112/56/28/14/7-pixel images and batches of 2^k exactly."""
+    best = None
+    bq = 1
+    while bq <= block_m:
+        bp = 1
+        while bq * bp <= block_m:
+            bi = block_m // (bq * bp)
+            key = (-(-n // bi) * bi * -(-p // bp) * bp * -(-q // bq) * bq, -bq, -bp)
+            if best is None or key < best[0]:
+                best = (key, (bi, bp, bq))
+            bp *= 2
+        bq *= 2
+    return best[1]
+
+
+def all_wgrad_blocks(elem_bytes: Optional[int] = None) -> list:
+    """Every tile ``wgrad_blocks`` can return on a GPU for a dtype of ``elem_bytes`` bytes
+    (both sizes when None): the set the ahead-of-time check compiles."""
     out = []
-    for c in (16, 32, 64, 128):
-        for k in (16, 32, 64, 128, 256):
-            blocks = _wgrad_gpu_blocks(c, k)
-            if blocks not in out:
-                out.append(blocks)
+    for e in ((2, 4) if elem_bytes is None else (elem_bytes,)):
+        for c in (16, 32, 64, 128, 256):
+            for k in (16, 32, 64, 128, 256):
+                blocks = _wgrad_gpu_blocks(c, k, e)
+                if blocks not in out:
+                    out.append(blocks)
     return out
 
 

@@ -14,9 +14,17 @@ memory): y[n, p, q, k] = sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*
          group, so a stride-2 dgrad executes no MMA for taps that miss; a phase no tap
          reaches (1x1 stride 2: three of four) stores zeros. ``dgrad_plan`` is the host's view.
   wgrad  dw[k, c, r, s] = sum_{n,p,q} x[n, ih, iw, g*C_g + c] * dy[n, p, q, k], stored in the
-         weight layout (OHWI). One tile per (tap, C_g block, K_g block, group, split):
-         split-K over M = N*P*Q output pixels into fp32 partials (SPLIT, K, R, S, C_g), then
-         summed over splits in a fixed order (no atomics: deterministic).
+         weight layout (OHWI). One dw^T tile (K_g block x C_g block: the output channels in
+         the wgmma's M) per (tap, blocks, group, split), reduced over the N*P*Q output pixels
+         in chunks of BLOCK_M: a 1x1 stride-1 conv's chunks are runs of pixels (a GEMM), any
+         other's boxes of images x rows x columns (``configs.wgrad_box``) whose pixels sit at
+         loop-invariant offsets from the box corner, so the main loop has no division and
+         only the taps' bounds masks when the boxes and tiles fit the conv. Few channels a
+         group (the stem's 3) reduce over a kernel row's (s, c) pairs; with groups 1 and
+         dilation 1 each pixel's row is one run of x, padded to 4 channels and read in
+         16-byte pieces (``wgrad_run``). Split-K over the chunks into fp32 partials
+         (SPLIT, K, R, S, C_g), then summed over splits in a fixed order (no atomics:
+         deterministic).
 
 Both accumulate in fp32; dx is rounded once to x's dtype, dw stays fp32.
 """
@@ -27,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dgrad_config, gpu_sms, wgrad_blocks, wgrad_split
-from .conv import _mma, dot_flags, needs_int64, pixel_coords, tile_ids
+from .configs import dgrad_config, gpu_sms, wgrad_blocks, wgrad_box, wgrad_split
+from .conv import (_mma, dot_flags, needs_int64, packs_taps, pad_input, pixel_coords,
+                   tile_ids)
 
 
 @triton.jit
@@ -168,54 +177,202 @@ def conv_dgrad_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < m_phase)[:, None] & c_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
+def _u32(v):
+    return v.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _wgrad_chunk(acc, x_ptr, dy_ptr, dy_at, dy_tile, dy_ok, x_at, x_tile, x_ok,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[n, c] += sum over the chunk's pixels i of dy[i, n] * x[i, c]: dy at dy_at + dy_tile
+    ([n, i]), x at x_at + x_tile ([i, c]), zero where the masks are off."""
+    if dy_ok is None:  # (EXACT)
+        a = tl.load(dy_ptr + dy_at + dy_tile)
+    else:
+        a = tl.load(dy_ptr + dy_at + dy_tile, mask=dy_ok, other=0.0)
+    if x_ok is None:
+        b = tl.load(x_ptr + x_at + x_tile)
+    else:
+        b = tl.load(x_ptr + x_at + x_tile, mask=x_ok, other=0.0)
+    return _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+
+
+@triton.jit(do_not_specialize=["M", "CHUNKS", "CHUNKS_PER_SPLIT", "BOX_P", "BOX_Q"])
 def conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr,
     H, W, C, P, Q, M, K, C_G, K_G,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    M_PER_SPLIT, RSC,
+    CHUNKS, CHUNKS_PER_SPLIT, BOX_P, BOX_Q, RSC,
     S: tl.constexpr,
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GEMM: tl.constexpr, PACK: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    # Which tile: (tap, column block, output-channel block) of group g, pixel split `split`.
+    # The tile's columns are the tap's C_G input channels, or with PACK the (s, c) pairs of
+    # kernel row `tap` (RW = S*C_G, weight offset s*C_G + c within the row). PACK 1 gathers
+    # each pair. PACK >= 2 (groups 1, dilation 1: a pixel's kernel row is one run of S*C
+    # elements of x, whose C channels may include zero padding past the C_G real ones):
+    # column j is element j - LEAD of the run, LEAD chosen so that every run starts at a
+    # multiple of PACK elements (the launcher checks the strides), and x arrives in aligned
+    # groups of PACK elements (16 bytes for the stem with x padded to 4 channels).
     pid = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
-    num_c = tl.cdiv(C_G, BLOCK_C)
+    LEAD = 0
+    if PACK >= 2:
+        LEAD = (PACK - pad_w * C % PACK) % PACK
+        CW = S * C + LEAD
+        RW = S * C_G
+    elif PACK:
+        CW = S * C_G
+        RW = CW
+    else:
+        CW = C_G
+        RW = CW
+    num_c = tl.cdiv(CW, BLOCK_C)
     num_n = tl.cdiv(K_G, BLOCK_N)
     tap = pid // (num_c * num_n)
     pid_c = (pid // num_n) % num_c
     pid_n = pid % num_n
-    r = tap // S
-    s = tap % S
+    if PACK:
+        r = tap
+        s = 0
+    else:
+        r = tap // S
+        s = tap % S
+    ih_off = r * dil_h - pad_h
+    iw_off = s * dil_w - pad_w
 
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_c = offs_c < C_G
+    offs_i = tl.arange(0, BLOCK_M)
+    mask_c = offs_c < CW
     mask_n = offs_n < K_G
-    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
-    m_start = split * M_PER_SPLIT
-    for m0 in range(m_start, min(m_start + M_PER_SPLIT, M), BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        if INT64:
-            offs_m = offs_m.to(tl.int64)
-        mask_m = offs_m < M
-        img, p, q = pixel_coords(offs_m, P, Q)
-        ih = p * stride_h - pad_h + r * dil_h
-        iw = q * stride_w - pad_w + s * dil_w
-        pix_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_row = ((img * H + ih) * W + iw) * C + g * C_G
-        a = tl.load(x_ptr + x_row[None, :] + offs_c[:, None],
-                    mask=mask_c[:, None] & pix_ok[None, :], other=0.0)
-        b = tl.load(dy_ptr + offs_m[:, None] * K + (g * K_G + offs_n)[None, :],
-                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+    col_w = offs_c  # PACK 1: column j = s*C_G + c reads input column iw + s*dil_w
+    if PACK >= 2:
+        col = offs_c
+    elif PACK:
+        col_w = (offs_c // C_G) * dil_w
+        col = col_w * C + offs_c % C_G + g * C_G
+    else:
+        col = offs_c + g * C_G
 
-    # dw[k, c, r, s] at k*RSC + tap*C_G + c (OHWI), past the K*RSC values of earlier splits.
-    # A scalar tile base: the fully vectorized address made ptxas spill 8 B (C32 x N128, tf32).
-    dw_tile = dw_ptr + (split * K + g * K_G) * RSC + tap * C_G
-    tl.store(dw_tile + (offs_n * RSC)[None, :] + offs_c[:, None], acc,
-             mask=mask_c[:, None] & mask_n[None, :])
+    # The reduction over output pixels, CHUNKS chunks of BLOCK_M, this split's
+    # [t_start, t_end) in ONE loop (Triton pipelines only the innermost loop: conv.py's main
+    # loop says why), with no division in it: each chunk's pixels sit at loop-invariant
+    # offsets (x_tile, dy_tile) from a scalar base.
+    t_start = split * CHUNKS_PER_SPLIT
+    t_end = min(t_start + CHUNKS_PER_SPLIT, CHUNKS)
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    if GEMM:
+        # 1x1, stride 1, unpadded: x and dy are (M, C) and (M, K) matrices, chunk t the
+        # pixels [t*BLOCK_M, +BLOCK_M). Full chunks unmasked, then the partial last one.
+        dy_tile = (offs_i * K)[None, :] + (g * K_G + offs_n)[:, None]
+        x_tile = (offs_i * C)[:, None] + col[None, :]
+        t_full = min(t_end, M // BLOCK_M)
+        dy_ok = None
+        x_ok = None
+        if not EXACT:
+            dy_ok = mask_n[:, None]
+            x_ok = mask_c[None, :]
+        for t in range(t_start, t_full):
+            m0 = t * BLOCK_M
+            if INT64:
+                m0 = m0.to(tl.int64)
+            acc = _wgrad_chunk(acc, x_ptr, dy_ptr, m0 * K, dy_tile, dy_ok, m0 * C, x_tile, x_ok,
+                               UPCAST=UPCAST, PRECISION=PRECISION)
+        if t_full < t_end:
+            m0 = t_full * BLOCK_M
+            if INT64:
+                m0 = m0.to(tl.int64)
+            acc = _wgrad_chunk(acc, x_ptr, dy_ptr, m0 * K, dy_tile,
+                               mask_n[:, None] & (offs_i < M - m0)[None, :], m0 * C, x_tile,
+                               (offs_i < M - m0)[:, None] & mask_c[None, :], UPCAST=UPCAST,
+                               PRECISION=PRECISION)
+    else:
+        # Chunk t is a box of BOX_I images x BOX_P output rows x BOX_Q output columns (the
+        # launcher's ``wgrad_box``: a power of two each, product BLOCK_M), boxes ordered
+        # column-fastest; chunk row i sits at (di, dp, dq) in its box. The box corner
+        # (i0, p0, q0) is carried; masks compare the invariant (di, dp, dq) with scalars.
+        BOX_I = BLOCK_M // (BOX_P * BOX_Q)
+        N = M // (P * Q)
+        di = offs_i // (BOX_P * BOX_Q)
+        dp = (offs_i // BOX_Q) % BOX_P
+        dq = offs_i % BOX_Q
+        if INT64:
+            di = di.to(tl.int64)
+        dy_tile = (((di * P + dp) * Q + dq) * K)[None, :] + (g * K_G + offs_n)[:, None]
+        x_pix = (di * H + dp * stride_h) * W + dq * stride_w  # from the box's first pixel
+        # the output rows (columns) whose input row (column) is inside x: [p_lo, p_hi)
+        p_lo = tl.maximum((stride_h - 1 - ih_off) // stride_h, 0)
+        p_hi = tl.minimum((H - ih_off + stride_h - 1) // stride_h, P)
+        q_lo = tl.maximum((stride_w - 1 - iw_off) // stride_w, 0)
+        q_hi = tl.minimum((W - iw_off + stride_w - 1) // stride_w, Q)
+        if PACK:  # the column bound is the run's (PACK >= 2) or each pair's (PACK 1)
+            q_lo = 0
+            q_hi = Q
+        if PACK >= 2:
+            x_tile = tl.multiple_of(x_pix * C, PACK)[:, None] + col[None, :]
+            run_at = tl.multiple_of((dq * stride_w) * C, PACK)[:, None] + col[None, :]
+        else:
+            x_tile = (x_pix * C)[:, None] + col[None, :]
+            run_at = (dq * stride_w)[:, None] + col_w[None, :]
+        box_blocks_q = tl.cdiv(Q, BOX_Q)
+        box_blocks_p = tl.cdiv(P, BOX_P)
+        q0 = t_start % box_blocks_q * BOX_Q
+        p0 = t_start // box_blocks_q % box_blocks_p * BOX_P
+        i0 = t_start // (box_blocks_q * box_blocks_p) * BOX_I
+        for t in range(t_start, t_end):
+            # masks: the tap's rows and columns inside x (unsigned: one compare a range),
+            # and unless the boxes tile the pixels EXACTly, the pixels past them
+            x_ok = _u32(dp + (p0 - p_lo)) < _u32(p_hi - p_lo)
+            if not (PACK and EXACT):  # (PACK: the range is [0, Q))
+                x_ok = x_ok & (_u32(dq + (q0 - q_lo)) < _u32(q_hi - q_lo))
+            if EXACT:  # (and the tile's rows and columns are all in the conv)
+                dy_ok = None
+            else:
+                img_ok = di < N - i0
+                x_ok = x_ok & img_ok
+                dy_ok = mask_n[:, None] & (img_ok & (dp < P - p0) & (dq < Q - q0))[None, :]
+            if INT64:
+                i0_wide = i0.to(tl.int64)
+            else:
+                i0_wide = i0
+            ih0 = p0 * stride_h + ih_off
+            iw0 = q0 * stride_w + iw_off
+            x_at = (((i0_wide * H + ih0) * W + iw0) * C)
+            if PACK >= 2:  # the run starts LEAD elements early; its elements stay in the row
+                x_at = tl.multiple_of(x_at - LEAD, PACK)
+                row_at = tl.multiple_of(iw0 * C - LEAD, PACK)
+                x_ok = x_ok[:, None] & (_u32(run_at + row_at) < _u32(W * C))
+            elif PACK:  # each pair's input column in the row
+                x_ok = x_ok[:, None] & mask_c[None, :] & (_u32(run_at + iw0) < _u32(W))
+            elif EXACT:
+                x_ok = x_ok[:, None]
+            else:
+                x_ok = x_ok[:, None] & mask_c[None, :]
+            acc = _wgrad_chunk(acc, x_ptr, dy_ptr, ((i0_wide * P + p0) * Q + q0) * K, dy_tile,
+                               dy_ok, x_at, x_tile, x_ok, UPCAST=UPCAST, PRECISION=PRECISION)
+            q0 += BOX_Q  # the next box: column-fastest
+            wrap_q = q0 >= Q
+            q0 = tl.where(wrap_q, 0, q0)
+            p0 += tl.where(wrap_q, BOX_P, 0)
+            wrap_p = p0 >= P
+            p0 = tl.where(wrap_p, 0, p0)
+            i0 += tl.where(wrap_p, BOX_I, 0)
+
+    # dw[k, c, r, s] at k*RSC + tap*RW + column (OHWI), past the K*RSC values of earlier
+    # splits. A scalar tile base: the fully vectorized address made ptxas spill 8 B.
+    dw_tile = dw_ptr + (split * K + g * K_G) * RSC + tap * RW
+    out_c = offs_c
+    if PACK >= 2:  # run element e = s*C + c, a weight if c < C_G
+        e = tl.maximum(offs_c - LEAD, 0)
+        out_c = e // C * C_G + e % C
+        mask_c = mask_c & (offs_c >= LEAD) & (e % C < C_G)
+    tl.store(dw_tile + (offs_n * RSC)[:, None] + out_c[None, :], acc,
+             mask=mask_n[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -300,6 +457,20 @@ def conv_dgrad(dy, w, x_shape, *, stride, padding, dilation, groups):
     return dx
 
 
+def wgrad_run(c: int, width: int, stride_w: int, dilation_w: int, groups: int,
+              elem_bytes: int) -> tuple:
+    """(channels, alignment) for packed wgrad reading each pixel's kernel row as one run of x
+    (``conv_wgrad_kernel``'s PACK >= 2), or (c, 1) when it cannot: groups 1 and dilation 1
+    (the run is contiguous); x padded to a power of two of channels; every run then starts
+    at a multiple of the alignment (at most 16 bytes) that divides the image row (W*C) and
+    the column step (stride*C) in elements."""
+    if groups != 1 or dilation_w != 1:
+        return c, 1
+    cp = 1 << (c - 1).bit_length()
+    step = math.gcd(width * cp, stride_w * cp, 16 // elem_bytes)
+    return cp, step & -step  # its largest power-of-two divisor
+
+
 def conv_wgrad(x, dy, *, kernel_size, stride, padding, dilation, groups, split=None):
     """dw (K, C/groups, R, S) fp32 in the kernels' layout (channels_last memory). x:
     (N, C, H, W) and dy: (N, K, P, Q), both channels_last-dense and of one dtype. ``split``:
@@ -313,23 +484,41 @@ def conv_wgrad(x, dy, *, kernel_size, stride, padding, dilation, groups, split=N
                      memory_format=torch.channels_last)
     if m == 0:
         return dw.zero_()
-    blocks = wgrad_blocks(m, c_g, k_g)
-    # ceiling divisions: tiles of one group, chunks of BLOCK_M output pixels
-    tiles = r * s * -(-c_g // blocks.BLOCK_C) * -(-k_g // blocks.BLOCK_N)
-    chunks = -(-m // blocks.BLOCK_M)
+    pack = int(packs_taps(c_g, s))
+    xc = c  # x's channels as the kernel reads them
+    if pack:
+        cp, align = wgrad_run(c, wd, stride[1], dilation[1], groups, x.itemsize)
+        if align >= 2:  # read runs: pad x's channels with zeros to cp (the stem: 3 -> 4)
+            pack, xc = align, cp
+            if cp != c:  # one pass, a Triton launch (the report sees its traffic)
+                x = pad_input(x, cp, (0, 0))
+    # a tile's columns a tap (pack: a row; a run: its padded elements and the lead-in)
+    cols = (s * xc + -padding[1] * xc % pack if pack >= 2 else s * c_g) if pack else c_g
+    blocks = wgrad_blocks(m, cols, k_g, x.itemsize)
+    gemm = r == s == 1 and stride[0] == stride[1] == 1 and padding[0] == padding[1] == 0
+    # ceiling divisions: tiles of one group; chunks of BLOCK_M output pixels (boxes of
+    # images x rows x columns unless the conv is a plain GEMM)
+    tiles = (r if pack else r * s) * -(-cols // blocks.BLOCK_C) * -(-k_g // blocks.BLOCK_N)
+    box_i, box_p, box_q = (blocks.BLOCK_M, 1, 1) if gemm else wgrad_box(n, p, q, blocks.BLOCK_M)
+    chunks = -(-n // box_i) * -(-p // box_p) * -(-q // box_q) if not gemm else \
+        -(-m // blocks.BLOCK_M)
+    # EXACT: the boxes tile the pixels and the tiles the channels (no masks but the taps')
+    exact = (gemm or n % box_i == p % box_p == q % box_q == 0) and \
+        k_g % blocks.BLOCK_N == 0 and (pack or c_g % blocks.BLOCK_C == 0)
     if split is None:
         sms = gpu_sms(x.device)
         split = 1 if sms is None else wgrad_split(tiles * groups, chunks, sms)
-    per_split = -(-chunks // split) * blocks.BLOCK_M
-    split = -(-m // per_split)
+    per_split = -(-chunks // split)
+    split = -(-chunks // per_split)
     part = dw if split == 1 else torch.empty((split, dw.numel()), dtype=torch.float32,
                                              device=x.device)
     upcast, precision = dot_flags(x.dtype)
     conv_wgrad_kernel[(tiles, groups, split)](
-        x, dy, part, h, wd, c, p, q, m, k, c_g, k_g,
+        x, dy, part, h, wd, xc, p, q, m, k, c_g, k_g,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        per_split, r * s * c_g,
-        S=s, INT64=needs_int64(x, dy), UPCAST=upcast, PRECISION=precision, **blocks.kwargs)
+        chunks, per_split, box_p, box_q, r * s * c_g,
+        S=s, INT64=needs_int64(x, dy), UPCAST=upcast, PRECISION=precision, GEMM=gemm,
+        PACK=pack, EXACT=exact, **blocks.kwargs)
     if split > 1:
         sum_splits_kernel[(-(-dw.numel() // 1024),)](part, dw, split, dw.numel(), BLOCK=1024)
     return dw

@@ -336,6 +336,44 @@ def test_dgrad_stride_phases(geom, dtype):
     assert_close(dx.cpu(), ref, dtype, f"dgrad {geom}")
 
 
+def _wgrad_check(c, k, ksz, stride, pad, h, w, dtype, batch=2, split=None, seed=16):
+    x, weight = _conv_inputs(c, k, ksz, 1, h, w, dtype, batch=batch, seed=seed)
+    p = kconv.out_size(h, ksz, stride, pad, 1)
+    q = kconv.out_size(w, ksz, stride, pad, 1)
+    dy = torch.randn(batch, k, p, q, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    dw = conv_wgrad(_cl(x), _cl(dy), kernel_size=(ksz, ksz), **_geo(stride, pad, 1, 1),
+                    split=split)
+    ref = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dy.double(), stride=stride,
+                                      padding=pad)
+    assert_close(dw.cpu(), ref, dtype, f"wgrad {c}x{k} {ksz}x{ksz}/{stride} pad {pad} {h}x{w}")
+
+
+@pytest.mark.parametrize("split", [None, 2])
+@pytest.mark.parametrize("h, w, pad", [(4, 4, 1), (8, 4, 0)], ids=["3x3", "3x3-unpadded"])
+def test_wgrad_exact_boxes_mask_only_the_taps(h, w, pad, split):
+    """Boxes that tile the pixels and tiles that cover the channels (EXACT): the loads keep
+    only the taps' bounds masks."""
+    _wgrad_check(16, 16, 3, 1, pad, h, w, torch.float32, split=split)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pad", [3, 2])
+def test_wgrad_stem_reads_runs_of_padded_x(pad, dtype):
+    """The 7x7 stride-2 stem at an even width: each pixel's kernel row is one run of x padded
+    to 4 channels, read from a lead-in that aligns it (pad 3: 4 elements, pad 2: none)."""
+    from fastres.kernels.conv_bwd import wgrad_run
+    assert wgrad_run(3, 12, 2, 1, 1, dtype.itemsize) == (4, 16 // dtype.itemsize)
+    _wgrad_check(3, 16, 7, 2, pad, 14, 12, dtype)
+
+
+def test_wgrad_box_tiles_resnet_images_exactly():
+    assert configs.wgrad_box(256, 112, 112, 256) == (1, 16, 16)
+    assert configs.wgrad_box(256, 56, 56, 128) == (2, 8, 8)
+    assert configs.wgrad_box(256, 7, 7, 128) == (128, 1, 1)
+    bi, bp, bq = configs.wgrad_box(3, 5, 7, 64)
+    assert bi * bp * bq == 64 and -(-3 // bi) * bi * -(-5 // bp) * bp * -(-7 // bq) * bq < 2 * 105
+
+
 @pytest.mark.parametrize("split", [2, 4])
 def test_wgrad_split_partials_sum_in_order(split):
     x, weight = _conv_inputs(8, 16, 3, 1, 12, 12, torch.float32, seed=15)
