@@ -168,22 +168,25 @@ def _n_cap(elem_bytes: int, shortcut: bool) -> int:
     return min(N_CAP[elem_bytes], SHORTCUT_N_CAP) if shortcut else N_CAP[elem_bytes]
 
 
-def memory_bound_gemm(n_per_group: int, c_per_group: int, elem_bytes: int, taps: int) -> bool:
-    """A 1x1 conv whose FLOPs per byte moved sit below the H200's ridge (RIDGE), counting a
-    pixel's C inputs, N outputs and N residual values once each (2*N*C / ((C + 2N) * bytes)):
-    its tiles should let 2+ CTAs share an SM rather than maximize reuse."""
+def memory_bound_gemm(n_per_group: int, c_per_group: int, elem_bytes: int, taps: int,
+                      stride: int = 1) -> bool:
+    """A 1x1 conv whose FLOPs per byte moved sit below the H200's ridge (RIDGE), counting an
+    output pixel's stride**2 * C inputs, N outputs and N residual values once each
+    (2*N*C / ((stride**2 * C + 2N) * bytes)): its tiles should let 2+ CTAs share an SM rather
+    than maximize reuse."""
     return taps == 1 and 2 * n_per_group * c_per_group < RIDGE[elem_bytes] * (
-        c_per_group + 2 * n_per_group) * elem_bytes
+        stride * stride * c_per_group + 2 * n_per_group) * elem_bytes
 
 
 def heuristic_config(m: int, n_per_group: int, c_per_group: int, elem_bytes: int = 4,
-                     shortcut: bool = False, taps: int = 1, packed: bool = False) -> ConvConfig:
+                     shortcut: bool = False, taps: int = 1, packed: bool = False,
+                     stride: int = 1) -> ConvConfig:
     """The GPU config of a bucket, before any tuning (see the module docstring). ``packed``:
     the reduction runs over packed (s, c) rows (``conv.packs_taps``: the stem), whose K step is
     one short row: a 2-byte 256-row tile on 4 warps doubles the MMA work an iteration's fixed
     cost (barriers, descriptors) and its row bounds are spread over."""
     bn = _pow2_at_least(n_per_group, 16, _n_cap(elem_bytes, shortcut))
-    if memory_bound_gemm(n_per_group, c_per_group, elem_bytes, taps):
+    if memory_bound_gemm(n_per_group, c_per_group, elem_bytes, taps, stride):
         bn = min(bn, 64)
     bk = _pow2_at_least(c_per_group, 16, 128 // elem_bytes)
     if packed and not shortcut and elem_bytes == 2 and bn <= 64 and m >= SMALL_M:
@@ -208,7 +211,7 @@ def reset() -> None:
 
 def pick_config(m: int, n_per_group: int, c_per_group: int, elem_bytes: int = 4,
                 taps: int = 1, launch: Optional[Callable] = None,
-                shortcut: bool = False, packed: bool = False) -> ConvConfig:
+                shortcut: bool = False, packed: bool = False, stride: int = 1) -> ConvConfig:
     """Block sizes for a conv whose GEMM is M=N*P*Q pixels, N=n_per_group output channels,
     reduction over ``taps`` (R*S) chunks of c_per_group input channels of ``elem_bytes`` each,
     with a projection shortcut (a second accumulator) or not. ``launch(cfg)`` runs the conv
@@ -220,16 +223,17 @@ def pick_config(m: int, n_per_group: int, c_per_group: int, elem_bytes: int = 4,
     problem allows.
     """
     key = ((m - 1).bit_length(), m >= SMALL_M, n_per_group, c_per_group, elem_bytes, taps,
-           shortcut, packed)
+           shortcut, packed, stride)
     if key in _PICKED:
         return _PICKED[key]
-    cfg, final = _pick(m, n_per_group, c_per_group, elem_bytes, taps, launch, shortcut, packed)
+    cfg, final = _pick(m, n_per_group, c_per_group, elem_bytes, taps, launch, shortcut, packed,
+                       stride)
     if final:
         _PICKED[key] = cfg
     return cfg
 
 
-def _pick(m, n_per_group, c_per_group, elem_bytes, taps, launch, shortcut, packed):
+def _pick(m, n_per_group, c_per_group, elem_bytes, taps, launch, shortcut, packed, stride):
     """(config, final): not final when autotune is on but there is no ``launch`` to time, so
     a later launch of the bucket tunes it."""
     if INTERPRET:
@@ -237,28 +241,30 @@ def _pick(m, n_per_group, c_per_group, elem_bytes, taps, launch, shortcut, packe
                           BLOCK_N=_pow2_at_least(n_per_group, 16, 128),
                           BLOCK_K=_pow2_at_least(c_per_group, 16, 64),
                           num_warps=1, num_stages=1), True
-    key = bucket_key(m, n_per_group, c_per_group, elem_bytes, taps, shortcut, packed)
+    key = bucket_key(m, n_per_group, c_per_group, elem_bytes, taps, shortcut, packed, stride)
     tuned = _tuned().get(key)
     if tuned is not None:
         return ConvConfig(**tuned), True
     if _settings()["autotune"]:
         if launch is not None:
             return autotune(key, tune_candidates(m, n_per_group, c_per_group, elem_bytes,
-                                                 shortcut, taps, packed), launch), True
+                                                 shortcut, taps, packed, stride), launch), True
         return heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut, taps,
-                                packed), False
+                                packed, stride), False
     return heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut, taps,
-                            packed), True
+                            packed, stride), True
 
 
 def tune_candidates(m: int, n_per_group: int, c_per_group: int, elem_bytes: int,
-                    shortcut: bool = False, taps: int = 1, packed: bool = False) -> list:
+                    shortcut: bool = False, taps: int = 1, packed: bool = False,
+                    stride: int = 1) -> list:
     """The configs autotune times for a bucket: the heuristic's, then its neighbours in
     BLOCK_M and BLOCK_N, each no larger than the problem needs."""
     n_cap = _pow2_at_least(n_per_group, 16, _n_cap(elem_bytes, shortcut))
     k_cap = _pow2_at_least(c_per_group, 16, 128 // elem_bytes)
     trips = _trips(taps, c_per_group, k_cap)
-    out = [heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut, taps, packed)]
+    out = [heuristic_config(m, n_per_group, c_per_group, elem_bytes, shortcut, taps, packed,
+                            stride)]
     for bm in (64, 128):
         for bn in (32, 64, 128):
             cfg = _make(bm, min(bn, n_cap), k_cap, elem_bytes, trips)
@@ -276,8 +282,9 @@ def all_configs(elem_bytes: Optional[int] = None, shortcut: bool = False) -> lis
         for m in (1, SMALL_M):
             for n in (16, 32, 64, 128, 256):
                 for c in (16, 32, 64, 128, 256):
-                    for taps, packed in ((1, False), (9, False), (7, True)):
-                        for cfg in tune_candidates(m, n, c, e, shortcut, taps, packed):
+                    for taps, packed, stride in ((1, False, 1), (1, False, 2), (9, False, 1),
+                                                 (7, True, 1)):
+                        for cfg in tune_candidates(m, n, c, e, shortcut, taps, packed, stride):
                             if cfg not in out:
                                 out.append(cfg)
     return out
@@ -441,10 +448,11 @@ def wgrad_split(tiles: int, chunks: int, sms: int) -> int:
 # Persistent autotune cache.
 
 def bucket_key(m: int, n_per_group: int, c_per_group: int, elem_bytes: int, taps: int,
-               shortcut: bool = False, packed: bool = False) -> str:
+               shortcut: bool = False, packed: bool = False, stride: int = 1) -> str:
     """The cache key of a conv: M rounded up to a power of two (never the exact batch size)."""
     return (f"m{_pow2_at_least(m, 1, 1 << 62)}-n{n_per_group}-c{c_per_group}-b{elem_bytes}"
-            f"-t{taps}{'-sc' if shortcut else ''}{'-pk' if packed else ''}")
+            f"-t{taps}{'-sc' if shortcut else ''}{'-pk' if packed else ''}"
+            f"{f'-s{stride}' if stride != 1 else ''}")
 
 
 def cache_path() -> str:

@@ -532,7 +532,7 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
     cfg = config or pick_config(  # autotune (FASTRES_AUTOTUNE=1) times launch(cfg)
         m, k_g, chunk, x.itemsize, taps,
         launch=lambda cfg: conv_fused(**dict(args, config=cfg)), shortcut=shortcut is not None,
-        packed=pack and groups == 1)
+        packed=pack and groups == 1, stride=max(stride) if r == s == 1 else 1)
     tiles_m = -(-m // cfg.BLOCK_M)  # ceiling divisions
     tiles = tiles_m * -(-k_g // cfg.BLOCK_N)
     if split is None:
