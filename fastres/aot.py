@@ -272,7 +272,7 @@ _ELEMENTWISE = {
     "column_sum_kernel": dict(fp32=("part_ptr", "stats_ptr", "stats2_ptr", "out_ptr")),
     "bn_bwd_dx_kernel": dict(fp32=("stats_ptr", "w_ptr", "stats2_ptr", "w2_ptr", "sums_ptr")),
     "sum_splits_kernel": dict(fp32=("part_ptr", "out_ptr"), consts=dict(BLOCK=1024)),
-    "pad_nhwc_kernel": dict(fp32=(), consts=dict(CP=4, INT64=False, BLOCK=256)),
+    "pad_nhwc_kernel": dict(fp32=(), consts=dict(CP_BLOCK=4, INT64=False, BLOCK=256)),
     "splitk_epilogue_kernel": dict(fp32=("part_ptr", "gamma_ptr", "beta_ptr", "mean_ptr",
                                          "var_ptr", "gamma2_ptr", "beta2_ptr", "mean2_ptr",
                                          "var2_ptr"),

@@ -144,13 +144,14 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 
 def _make(bm: int, bn: int, bk: int, elem_bytes: int,
-          trips: Optional[int] = None) -> ConvConfig:
-    """warps: 8 from a 128x128 2-byte tile up (64x128 fp32), else 4 (a projection shortcut's
-    second accumulator included: 128x64 bf16 with both takes 249 registers on 4 warps, 2
-    CTAs/SM, against 174 on 8 warps, 1 CTA/SM); stages: as many as fit SMEM_BUDGET, 2..4, and
-    no more than the main loop's ``trips`` + 1 (a stage past the trip count only loads
-    zeros)."""
-    big = bm * bn * elem_bytes >= 128 * 128 * 2
+          trips: Optional[int] = None, tap_shortcut: bool = False) -> ConvConfig:
+    """warps: 8 from a 128x128 2-byte tile up (64x128 fp32), else 4: a 1x1 conv's projection
+    shortcut's second accumulator included (128x64 bf16 with both: 249 registers on 4 warps,
+    2 CTAs/SM, against 174 on 8 warps, 1 CTA/SM), but not a 3x3's (``tap_shortcut``: the
+    BasicBlock's conv2 + shortcut spilled 120 B/thread at 128x64 on 4 warps with Triton 3.6,
+    so 8 warps from 128x64 up); stages: as many as fit SMEM_BUDGET, 2..4, and no more than
+    the main loop's ``trips`` + 1 (a stage past the trip count only loads zeros)."""
+    big = bm * bn * elem_bytes >= (128 * 64 * 2 if tap_shortcut else 128 * 128 * 2)
     stages = max(2, min(4, SMEM_BUDGET // ((bm + bn) * bk * elem_bytes)))
     if trips is not None:
         stages = max(2, min(stages, trips + 1))
@@ -191,7 +192,8 @@ def heuristic_config(m: int, n_per_group: int, c_per_group: int, elem_bytes: int
     bk = _pow2_at_least(c_per_group, 16, 128 // elem_bytes)
     if packed and not shortcut and elem_bytes == 2 and bn <= 64 and m >= SMALL_M:
         return ConvConfig(256, bn, bk, num_warps=4, num_stages=min(4, taps + 1))
-    return _make(128 if m >= SMALL_M else 64, bn, bk, elem_bytes, _trips(taps, c_per_group, bk))
+    return _make(128 if m >= SMALL_M else 64, bn, bk, elem_bytes, _trips(taps, c_per_group, bk),
+                 shortcut and taps > 1)
 
 
 # bucket -> config, for pick_config, dgrad_config and wgrad_blocks. M enters a bucket as
@@ -267,7 +269,7 @@ def tune_candidates(m: int, n_per_group: int, c_per_group: int, elem_bytes: int,
                             stride)]
     for bm in (64, 128):
         for bn in (32, 64, 128):
-            cfg = _make(bm, min(bn, n_cap), k_cap, elem_bytes, trips)
+            cfg = _make(bm, min(bn, n_cap), k_cap, elem_bytes, trips, shortcut and taps > 1)
             if cfg not in out:
                 out.append(cfg)
     return out

@@ -428,10 +428,11 @@ def even_k(c_per_group: int, block_k: int, split: int) -> bool:
 
 
 @triton.jit(do_not_specialize=["NPIX"])
-def pad_nhwc_kernel(x_ptr, y_ptr, NPIX, H, W, C, HP, WP, pad_h, pad_w,
-                    CP: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+def pad_nhwc_kernel(x_ptr, y_ptr, NPIX, H, W, C, HP, WP, pad_h, pad_w, CP,
+                    CP_BLOCK: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     """y[n, h, v, c] = x[n, h - pad_h, v - pad_w, c] inside x and c < C, else 0: an NHWC
-    input zero-padded in space and to CP channels (y is NPIX = N*HP*WP pixels of CP)."""
+    input zero-padded in space and to CP channels (y is NPIX = N*HP*WP pixels of CP;
+    CP_BLOCK: CP rounded up to a power of two)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < NPIX
     if INT64:
@@ -440,10 +441,10 @@ def pad_nhwc_kernel(x_ptr, y_ptr, NPIX, H, W, C, HP, WP, pad_h, pad_w,
     ih = hh - pad_h
     iw = vv - pad_w
     inside = ok & (ih.to(tl.uint32) < H.to(tl.uint32)) & (iw.to(tl.uint32) < W.to(tl.uint32))
-    c = tl.arange(0, CP)
+    c = tl.arange(0, CP_BLOCK)
     v = tl.load(x_ptr + (((img * H + ih) * W + iw) * C)[:, None] + c[None, :],
                 mask=inside[:, None] & (c < C)[None, :], other=0.0)
-    tl.store(y_ptr + (offs * CP)[:, None] + c[None, :], v, mask=ok[:, None])
+    tl.store(y_ptr + (offs * CP)[:, None] + c[None, :], v, mask=ok[:, None] & (c < CP)[None, :])
 
 
 PAD_BLOCK = 256  # pad_nhwc_kernel's pixels a program
@@ -458,8 +459,8 @@ def pad_input(x: torch.Tensor, channels: int, padding) -> torch.Tensor:
                     memory_format=torch.channels_last)
     npix = n * hp * wp
     pad_nhwc_kernel[(-(-npix // PAD_BLOCK),)](
-        x, y, npix, h, w, c, hp, wp, padding[0], padding[1], CP=channels,
-        INT64=needs_int64(x, y), BLOCK=PAD_BLOCK)
+        x, y, npix, h, w, c, hp, wp, padding[0], padding[1], channels,
+        CP_BLOCK=triton.next_power_of_2(channels), INT64=needs_int64(x, y), BLOCK=PAD_BLOCK)
     return y
 
 

@@ -24,6 +24,7 @@ GEOMETRIES = [
     (3, 16, 7, 2, 3, 1, 1, 13, 11),    # the 7x7 stride-2 stem, C = 3: packed taps
     (5, 16, 3, 1, 1, 2, 1, 9, 8),      # 5 channels padded to 8, dilated: packed, not a row
     (1, 8, 5, 1, 2, 1, 1, 7, 6),       # one channel padded to 4: packed rows of 20
+    (10, 8, 3, 2, 1, 1, 1, 7, 7),      # 10 channels padded to 12 (not a power of two)
 ]
 GEOM_IDS = ["x".join(map(str, g)) for g in GEOMETRIES]
 
