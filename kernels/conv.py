@@ -452,7 +452,8 @@ PAD_BLOCK = 256  # pad_nhwc_kernel's pixels a program
 
 def pad_input(x: torch.Tensor, channels: int, padding) -> torch.Tensor:
     """x (N, C, H, W) channels_last-dense, zero-padded by ``padding`` (ph, pw) in space and
-    to ``channels`` channels, channels_last: one pass (``pad_nhwc_kernel``)."""
+    to ``channels`` channels, channels_last: one pass (``pad_nhwc_kernel``). Also a conv
+    weight (K, C, R, S) in the kernels' layout (OHWI is NHWC with K as the batch)."""
     n, c, h, w = x.shape
     hp, wp = h + 2 * padding[0], w + 2 * padding[1]
     y = torch.empty((n, channels, hp, wp), dtype=x.dtype, device=x.device,
@@ -462,14 +463,6 @@ def pad_input(x: torch.Tensor, channels: int, padding) -> torch.Tensor:
         x, y, npix, h, w, c, hp, wp, padding[0], padding[1], channels,
         CP_BLOCK=triton.next_power_of_2(channels), INT64=needs_int64(x, y), BLOCK=PAD_BLOCK)
     return y
-
-
-def pad_channels(t: torch.Tensor, multiple: int) -> torch.Tensor:
-    """t (N, C, H, W) with zero channels appended up to a multiple of ``multiple``, in
-    channels_last memory: a packed row of the stem's 3 channels becomes 4-element runs."""
-    extra = -t.shape[1] % multiple
-    zeros = t.new_zeros((t.shape[0], extra, *t.shape[2:]))
-    return torch.cat([t, zeros], dim=1).contiguous(memory_format=torch.channels_last)
 
 
 def out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -524,7 +517,7 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
         # The stem's 3 channels: rows of 4, and the spatial padding too, in one pass: the
         # kernel then reads 8-byte runs without bounds checks (PAD0; module docstring).
         c = c + (-c % 4)
-        x, w, c_g = pad_input(x, c, padding), pad_channels(w, 4), c
+        x, w, c_g = pad_input(x, c, padding), pad_input(w, c, (0, 0)), c
         h, wd, padding = x.shape[2], x.shape[3], (0, 0)
     taps = r if pack else r * s  # reduction steps of BLOCK_K chunks: rows when packed
     chunk = s * c_g if pack else c_g

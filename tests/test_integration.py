@@ -162,14 +162,17 @@ class OpLog(TorchDispatchMode):
 def test_host_side_is_capture_safe(monkeypatch):
     """What CUDA-graph capture needs of the host code, checked without a GPU: after warm-up a
     forward reads no value back (no .item()), recomputes no fold, and allocates exactly one
-    output per conv (the same every call) and computes nothing on the host (BatchNorm is
+    output per conv (the same every call; the stem also its padded input and weight) and
+    computes nothing on the host (BatchNorm is
     applied in the kernel from the live buffers); only the launch itself is stubbed out."""
     if not ops.uses_triton(torch.empty(0, device=DEVICE)):
         pytest.skip("checks the Triton dispatch")
     model = fastres.warmup(_resnet8(), [(2, 3, 8, 8)])
     launches = []
-    monkeypatch.setattr(kconv, "conv_fused_kernel", type("Stub", (), {
-        "__getitem__": lambda self, grid: lambda *a, **k: launches.append(grid)})())
+    stub = type("Stub", (), {
+        "__getitem__": lambda self, grid: lambda *a, **k: launches.append(grid)})()
+    monkeypatch.setattr(kconv, "conv_fused_kernel", stub)
+    monkeypatch.setattr(kconv, "pad_nhwc_kernel", stub)  # the stem's padded input and weight
     inner = OpLog()
     real = eval_op.conv_fused
 
@@ -185,10 +188,11 @@ def test_host_side_is_capture_safe(monkeypatch):
         logs.append((list(outer.ops), list(inner.ops)))
     (outer1, inner1), (outer2, inner2) = logs
     assert outer1 == outer2 and inner1 == inner2, "the host work changed between calls"
-    assert inner1 == ["aten.empty.memory_format"] * CONVS, inner1
+    # one output a conv, and the stem's input and weight padded to 4 channels (two launches)
+    assert inner1 == ["aten.empty.memory_format"] * (CONVS + 2), inner1
     assert outer1.count("fastres.conv_bn_act.default") == CONVS
     assert not any(s in op for op in outer1 for s in ("_local_scalar_dense", "rsqrt", "nonzero"))
-    assert len(launches) == 2 * CONVS
+    assert len(launches) == 2 * (CONVS + 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
