@@ -24,7 +24,10 @@ memory): y[n, p, q, k] = sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*
          dilation 1 each pixel's row is one run of x, padded to 4 channels and read in
          16-byte pieces (``wgrad_run``). Split-K over the chunks into fp32 partials
          (SPLIT, K, R, S, C_g), then summed over splits in a fixed order (no atomics:
-         deterministic).
+         deterministic). The stem-like case (``wgrad_takes_rows``) takes
+         ``conv_wgrad_rows_kernel`` instead: x padded once in space and channels, one
+         program all R kernel rows (R accumulators), so a chunk's dy tile is loaded once
+         for R dots and no tap needs a bounds mask.
 
 Both accumulate in fp32; dx is rounded once to x's dtype, dw stays fp32.
 """
