@@ -259,6 +259,31 @@ def conv_wgrad_variants(quick):
                 wgmma=False)  # BLOCK_N < 64 (few output channels a group) takes mma.sync
 
 
+def conv_wgrad_rows_variants(quick):
+    """The stem's wgrad on ``conv_wgrad_rows_kernel``: 7 kernel rows of 7 taps over x padded
+    in space and to 4 channels (224x224 images: 230x230 padded), 64 output channels, the
+    tile ``configs.wgrad_rows_blocks`` picks on a GPU, whole chunks; the bf16 one also with a
+    pixel tail and int64 indexing. --quick: bf16, fp32/tf32 and fp32/ieee, whole chunks."""
+    from fastres.kernels.configs import wgrad_rows_blocks
+    m = 256 * 112 * 112
+    for dt, prec, tc in _dtypes(quick):
+        blocks = dict(wgrad_rows_blocks(m, 28, 64, 7, ELEM_BYTES[dt]).kwargs)
+        warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
+        cases = [(True, False)] if quick or dt != "bf16" else \
+            [(True, False), (False, False), (True, True)]
+        for even, int64 in cases:
+            tile_label = " ".join(f"{n[6:]}{v}" for n, v in blocks.items())
+            yield Variant(
+                "conv_wgrad_rows_kernel", f"{_dtype_label(dt, prec)} 7x7/2 rows "
+                f"{'' if even else 'tail '}{'int64 ' if int64 else ''}{tile_label} "
+                f"w{warps} s{stages}",
+                dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", dw_ptr="*fp32", HP=230, WP=230, P=112,
+                     Q=112, M=m, K=64, C_G=3, stride_h=2, stride_w=2,
+                     CHUNKS=m // blocks["BLOCK_M"], CHUNKS_PER_SPLIT=96),
+                dict(R=7, S=7, CP=4, EVEN_M=even, EVEN_N=True, INT64=int64, UPCAST=False,
+                     PRECISION=prec, **blocks), warps, stages, tc)
+
+
 # Elementwise / reduction kernels without a dot: every flag on, every flag off, per dtype.
 # fp32 pointers are named here; every other pointer has the activation dtype; block sizes are
 # the module's constants of the same name (any constexpr with BLOCK in its name: BLOCK_M,
@@ -307,6 +332,7 @@ KERNELS = {
     "conv_fused_kernel": conv_fused_variants,
     "conv_dgrad_kernel": conv_dgrad_variants,
     "conv_wgrad_kernel": conv_wgrad_variants,
+    "conv_wgrad_rows_kernel": conv_wgrad_rows_variants,
     **{name: _elementwise_variants(name) for name in _ELEMENTWISE},
 }
 

@@ -70,7 +70,8 @@ NETWORKS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resne
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
             torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
-CONV_KERNELS = ("conv_fused_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
+WGRAD_KERNELS = ("conv_wgrad_kernel", "conv_wgrad_rows_kernel")  # held to P7 and FLOPs only
+CONV_KERNELS = ("conv_fused_kernel", "conv_dgrad_kernel") + WGRAD_KERNELS
 
 
 @dataclasses.dataclass
@@ -330,6 +331,11 @@ def flops(launch):
         tiles, groups, _ = launch.grid  # the splits share the CHUNKS chunks out
         useful = 2 * a["M"] * a["K_G"] * groups * a["C_G"] * r * s
         return useful, tiles * groups * a["CHUNKS"] * 2 * bc * bn * bm
+    if launch.kernel == "conv_wgrad_rows_kernel":
+        r, s = c["R"], c["S"]
+        bc, bn, bm = c["BLOCK_C"], c["BLOCK_N"], c["BLOCK_M"]
+        useful = 2 * a["M"] * a["K"] * a["C_G"] * r * s
+        return useful, launch.grid[0] * a["CHUNKS"] * r * 2 * bc * bn * bm
     return 0, 0
 
 
@@ -518,6 +524,8 @@ def mma_flops_per_iteration(launch) -> int:
     b = block_of(launch)
     if launch.kernel == "conv_wgrad_kernel":
         return 2 * b["BLOCK_C"] * b["BLOCK_N"] * b["BLOCK_M"]
+    if launch.kernel == "conv_wgrad_rows_kernel":  # R dots an iteration, one a kernel row
+        return launch.constexprs["R"] * 2 * b["BLOCK_C"] * b["BLOCK_N"] * b["BLOCK_M"]
     return 2 * b["BLOCK_M"] * b["BLOCK_N"] * b["BLOCK_K"]
 
 
@@ -539,6 +547,9 @@ def analyse(launch, facts) -> dict:
     elif launch.kernel == "conv_wgrad_kernel":
         row["kernel_size"] = [a["RSC"] // (c["S"] * a["C_G"]), c["S"]]
         row["stride"] = [a["stride_h"], a["stride_w"]]
+    elif launch.kernel == "conv_wgrad_rows_kernel":
+        row["kernel_size"] = [c["R"], c["S"]]
+        row["stride"] = [a["stride_h"], a["stride_w"]]
     else:
         row["kernel_size"], row["stride"] = None, None
     row["batch"] = None
@@ -559,12 +570,12 @@ def analyse(launch, facts) -> dict:
         dot_loops = [i for i, lp in enumerate(facts["loops"]) if lp["dots"]]
         loops = facts["loops"]
         enclosing = [lp for lp in loops if any(ch in dot_loops for ch in lp["children"])]
-        pack = bool(c.get("PACK"))
+        pack = bool(c.get("PACK")) or launch.kernel == "conv_wgrad_rows_kernel"
         issue = None
         if main["found"]:
             issue = main["instructions"] * (launch.num_warps / 4) / (
                 mma_flops_per_iteration(launch) / FLOPS_PER_SM_CYCLE[dt])
-        wide = block_of(launch).get("BLOCK_N", 0) >= 128 and launch.kernel != "conv_wgrad_kernel"
+        wide = block_of(launch).get("BLOCK_N", 0) >= 128 and launch.kernel not in WGRAD_KERNELS
         issue_cap = 0.6 if wide else 0.8
         ratio = executed / useful if useful else math.inf
         ratio_cap = 1.6 if pack else 1.1
@@ -590,7 +601,7 @@ def analyse(launch, facts) -> dict:
                 f"{issue:.2f} (cap {issue_cap})" if issue is not None else "no SASS main loop"),
             FLOPS=(ratio <= ratio_cap, f"{ratio:.2f} (cap {ratio_cap})"),
         )
-        if launch.kernel == "conv_wgrad_kernel":
+        if launch.kernel in WGRAD_KERNELS:
             props = {k: v for k, v in props.items() if k in ("P7", "FLOPS")}
         if facts["spill_bytes"]:
             props["spill"] = (False, f"{facts['spill_bytes']} B")

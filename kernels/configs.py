@@ -372,6 +372,28 @@ def _wgrad_gpu_blocks(c_per_group: int, k_per_group: int, elem_bytes: int) -> Wg
                        num_stages=stages)
 
 
+def wgrad_rows_blocks(m: int, cols: int, k_per_group: int, rows: int,
+                      elem_bytes: int = 2) -> WgradBlocks:
+    """``conv_wgrad_rows_kernel``'s tile: BLOCK_N output channels (64 at most: the wgmma's M,
+    one warpgroup) x BLOCK_C columns (a kernel row's S*CP (s, c) pairs, 16 or 32), ``rows``
+    accumulators of it, reduced over BLOCK_M flat output pixels a step: 128 for 2-byte
+    dtypes, 64 for fp32. A stage holds the dy tile and one x run tile a row; as many stages
+    (2..4) as SMEM_BUDGET holds (the stem at 128: 72 KiB a stage, 2). Memoized per bucket."""
+    key = ("wgrad_rows", (m - 1).bit_length(), cols, k_per_group, rows, elem_bytes)
+    if key not in _PICKED:
+        bc = _pow2_at_least(cols, 16, 32)
+        bn = _pow2_at_least(k_per_group, 16, 64)
+        if INTERPRET:
+            _PICKED[key] = WgradBlocks(BLOCK_C=bc, BLOCK_N=bn, BLOCK_M=_pow2_at_least(m, 16, 64),
+                                       num_warps=1, num_stages=1)
+        else:
+            bm = 64 if elem_bytes == 4 else 128
+            stages = max(2, min(4, SMEM_BUDGET // ((bn + rows * bc) * bm * elem_bytes)))
+            _PICKED[key] = WgradBlocks(BLOCK_C=bc, BLOCK_N=bn, BLOCK_M=bm, num_warps=4,
+                                       num_stages=stages)
+    return _PICKED[key]
+
+
 def wgrad_box(n: int, p: int, q: int, block_m: int) -> tuple:
     """wgrad's chunk of ``block_m`` output pixels as a box (images, rows, columns), powers of
     two: the one that pads the N x P x Q pixels least (then the widest, then the tallest), so

@@ -24,7 +24,10 @@ memory): y[n, p, q, k] = sum_{r,s,c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*
          dilation 1 each pixel's row is one run of x, padded to 4 channels and read in
          16-byte pieces (``wgrad_run``). Split-K over the chunks into fp32 partials
          (SPLIT, K, R, S, C_g), then summed over splits in a fixed order (no atomics:
-         deterministic).
+         deterministic). The stem-like case (``wgrad_takes_rows``) takes
+         ``conv_wgrad_rows_kernel`` instead: x padded once in space and channels, one
+         program all R kernel rows (R accumulators), so a chunk's dy tile is loaded once
+         for R dots and no tap needs a bounds mask.
 
 Both accumulate in fp32; dx is rounded once to x's dtype, dw stays fp32.
 """
@@ -35,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dgrad_config, gpu_sms, wgrad_blocks, wgrad_box, wgrad_split
+from .configs import (dgrad_config, gpu_sms, wgrad_blocks, wgrad_box, wgrad_rows_blocks,
+                      wgrad_split)
 from .conv import (_mma, dot_flags, needs_int64, packs_taps, pad_input, pixel_coords,
                    tile_ids)
 
@@ -376,6 +380,117 @@ def conv_wgrad_kernel(
 
 
 @triton.jit
+def _wgrad_row(acc, x_at, row_step, a, col_ok, ROW: tl.constexpr, R: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Kernel row ROW (if the conv has it): acc += a @ (the x run tile of the row, at x_at
+    ([i, j] pointers) + ROW * row_step)."""
+    if ROW < R:
+        if col_ok is None:
+            b = tl.load(x_at + ROW * row_step)
+        else:
+            b = tl.load(x_at + ROW * row_step, mask=col_ok, other=0.0)
+        acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+    return acc
+
+
+@triton.jit
+def _wgrad_row_store(dw_ptr, acc, dw_n, n_ok, offs_c, C_G, ROW: tl.constexpr,
+                     R: tl.constexpr, S: tl.constexpr, CP: tl.constexpr):
+    """dw[k, c, ROW, s] = acc[k, s*CP + c] for the real channels c < C_G and taps s < S (if
+    the conv has kernel row ROW)."""
+    if ROW < R:
+        s = offs_c // CP
+        c = offs_c % CP
+        tl.store(dw_ptr + dw_n[:, None] + ((ROW * S + s) * C_G + c)[None, :], acc,
+                 mask=n_ok[:, None] & ((c < C_G) & (s < S))[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "CHUNKS", "CHUNKS_PER_SPLIT"])
+def conv_wgrad_rows_kernel(
+    x_ptr, dy_ptr, dw_ptr,
+    HP, WP, P, Q, M, K, C_G, stride_h, stride_w, CHUNKS, CHUNKS_PER_SPLIT,
+    R: tl.constexpr, S: tl.constexpr, CP: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # wgrad of a conv with few channels (the stem), all R kernel rows in one program:
+    # x_ptr is x padded in space and to CP channels (HP x WP pixels of CP), so every tap is
+    # in bounds. One program per (BLOCK_N output channels, pixel split); per chunk of BLOCK_M
+    # flat output pixels the dy tile is loaded once and feeds R dots, one a kernel row r:
+    # acc_r[k, j] += sum_i dy[i, k] * xpad[n_i, p_i*sh + r, q_i*sw, j] with column
+    # j = s*CP + c a run of S*CP contiguous elements (the rest of BLOCK_C masked off).
+    # R <= 8 accumulators as separate variables (a loop cannot carry a list); a row past R
+    # leaves its accumulator unchanged (``_wgrad_row``'s constexpr test), so it is dead code.
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    n_ok = offs_n < K
+    dy_tile = (offs_i * K)[None, :] + offs_n[:, None]  # dy^T: [k, i]
+    col_ok = None
+    if S * CP < BLOCK_C:
+        col_ok = (offs_c < S * CP)[None, :]
+    dy_ok = None
+    if not EVEN_N:
+        dy_ok = n_ok[:, None]
+    row_step = WP * CP  # one kernel row down in xpad
+    acc0 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc4 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc5 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc6 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    acc7 = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    t_start = split * CHUNKS_PER_SPLIT
+    t_end = min(t_start + CHUNKS_PER_SPLIT, CHUNKS)
+    for t in range(t_start, t_end):
+        m0 = t * BLOCK_M
+        if INT64:
+            m0 = m0.to(tl.int64)
+        pix = m0 + offs_i
+        if EVEN_M:
+            a_ok = dy_ok
+        else:  # the last chunk's pixels past M: dy masked, x read at the last pixel
+            if dy_ok is None:
+                a_ok = (pix < M)[None, :]
+            else:
+                a_ok = dy_ok & (pix < M)[None, :]
+            pix = tl.minimum(pix, M - 1)
+        if a_ok is None:
+            a = tl.load(dy_ptr + m0 * K + dy_tile)
+        else:
+            a = tl.load(dy_ptr + m0 * K + dy_tile, mask=a_ok, other=0.0)
+        img = pix // (P * Q)
+        rem = pix - img * (P * Q)
+        p = rem // Q
+        q = rem - p * Q
+        run = tl.multiple_of(((img * HP + p * stride_h) * WP + q * stride_w) * CP, CP)
+        x_at = x_ptr + run[:, None] + offs_c[None, :]
+        acc0 = _wgrad_row(acc0, x_at, row_step, a, col_ok, 0, R, UPCAST, PRECISION)
+        acc1 = _wgrad_row(acc1, x_at, row_step, a, col_ok, 1, R, UPCAST, PRECISION)
+        acc2 = _wgrad_row(acc2, x_at, row_step, a, col_ok, 2, R, UPCAST, PRECISION)
+        acc3 = _wgrad_row(acc3, x_at, row_step, a, col_ok, 3, R, UPCAST, PRECISION)
+        acc4 = _wgrad_row(acc4, x_at, row_step, a, col_ok, 4, R, UPCAST, PRECISION)
+        acc5 = _wgrad_row(acc5, x_at, row_step, a, col_ok, 5, R, UPCAST, PRECISION)
+        acc6 = _wgrad_row(acc6, x_at, row_step, a, col_ok, 6, R, UPCAST, PRECISION)
+        acc7 = _wgrad_row(acc7, x_at, row_step, a, col_ok, 7, R, UPCAST, PRECISION)
+
+    # dw (OHWI) of this split: element [k, c, r, s] at (split*K + k)*R*S*C_G + (r*S + s)*C_G + c
+    dw_n = (split * K + offs_n) * (R * S * C_G)
+    _wgrad_row_store(dw_ptr, acc0, dw_n, n_ok, offs_c, C_G, 0, R, S, CP)
+    _wgrad_row_store(dw_ptr, acc1, dw_n, n_ok, offs_c, C_G, 1, R, S, CP)
+    _wgrad_row_store(dw_ptr, acc2, dw_n, n_ok, offs_c, C_G, 2, R, S, CP)
+    _wgrad_row_store(dw_ptr, acc3, dw_n, n_ok, offs_c, C_G, 3, R, S, CP)
+    _wgrad_row_store(dw_ptr, acc4, dw_n, n_ok, offs_c, C_G, 4, R, S, CP)
+    _wgrad_row_store(dw_ptr, acc5, dw_n, n_ok, offs_c, C_G, 5, R, S, CP)
+    _wgrad_row_store(dw_ptr, acc6, dw_n, n_ok, offs_c, C_G, 6, R, S, CP)
+    _wgrad_row_store(dw_ptr, acc7, dw_n, n_ok, offs_c, C_G, 7, R, S, CP)
+
+
+@triton.jit
 def sum_splits_kernel(part_ptr, out_ptr, SPLIT, NUMEL, BLOCK: tl.constexpr):
     """out[i] = sum_s part[s, i], s in order."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -485,6 +600,8 @@ def conv_wgrad(x, dy, *, kernel_size, stride, padding, dilation, groups, split=N
     if m == 0:
         return dw.zero_()
     pack = int(packs_taps(c_g, s))
+    if pack and wgrad_takes_rows(c, r, s, dilation, groups, x.dtype):
+        return _wgrad_rows(x, dy, dw, r, s, stride, padding, split)
     xc = c  # x's channels as the kernel reads them
     if pack:
         cp, align = wgrad_run(c, wd, stride[1], dilation[1], groups, x.itemsize)
@@ -519,6 +636,47 @@ def conv_wgrad(x, dy, *, kernel_size, stride, padding, dilation, groups, split=N
         chunks, per_split, box_p, box_q, r * s * c_g,
         S=s, INT64=needs_int64(x, dy), UPCAST=upcast, PRECISION=precision, GEMM=gemm,
         PACK=pack, EXACT=exact, **blocks.kwargs)
+    if split > 1:
+        sum_splits_kernel[(-(-dw.numel() // 1024),)](part, dw, split, dw.numel(), BLOCK=1024)
+    return dw
+
+
+def wgrad_takes_rows(c: int, r: int, s: int, dilation, groups: int, dtype) -> bool:
+    """Whether ``conv_wgrad`` takes ``conv_wgrad_rows_kernel`` (the stem-like case): a packed
+    conv (few channels, S > 1) of groups 1 and dilation 1, at most 8 kernel rows, a kernel
+    row's (s, c) pairs over x padded to a multiple of 4 channels at most 32, a 2-byte or
+    fp32 dtype."""
+    cp = -(-c // 4) * 4
+    return (groups == 1 and tuple(dilation) == (1, 1) and packs_taps(c, s) and r <= 8
+            and s * cp <= 32
+            and dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def _wgrad_rows(x, dy, dw, r, s, stride, padding, split):
+    """``conv_wgrad`` by ``conv_wgrad_rows_kernel``: x padded once (space and channels), then
+    each program reduces all R kernel rows of its output channels over its pixel split."""
+    n, c, _, _ = x.shape
+    _, k, p, q = dy.shape
+    cp = -(-c // 4) * 4
+    if cp != c or any(padding):  # one pass, a Triton launch (the report sees its traffic)
+        x = pad_input(x, cp, padding)
+    hp, wp = x.shape[2:]
+    m = n * p * q
+    blocks = wgrad_rows_blocks(m, s * cp, k, r, x.itemsize)
+    tiles = -(-k // blocks.BLOCK_N)
+    chunks = -(-m // blocks.BLOCK_M)
+    if split is None:
+        sms = gpu_sms(x.device)
+        split = 1 if sms is None else wgrad_split(tiles, chunks, sms)
+    per_split = -(-chunks // split)
+    split = -(-chunks // per_split)
+    part = dw if split == 1 else torch.empty((split, dw.numel()), dtype=torch.float32,
+                                             device=x.device)
+    upcast, precision = dot_flags(x.dtype)
+    conv_wgrad_rows_kernel[(tiles, split)](
+        x, dy, part, hp, wp, p, q, m, k, c, stride[0], stride[1], chunks, per_split,
+        R=r, S=s, CP=cp, EVEN_M=m % blocks.BLOCK_M == 0, EVEN_N=k % blocks.BLOCK_N == 0,
+        INT64=needs_int64(x, dy), UPCAST=upcast, PRECISION=precision, **blocks.kwargs)
     if split > 1:
         sum_splits_kernel[(-(-dw.numel() // 1024),)](part, dw, split, dw.numel(), BLOCK=1024)
     return dw

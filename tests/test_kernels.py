@@ -367,6 +367,34 @@ def test_wgrad_stem_reads_runs_of_padded_x(pad, dtype):
     _wgrad_check(3, 16, 7, 2, pad, 14, 12, dtype)
 
 
+# conv_wgrad_rows_kernel (the stem-like case: all kernel rows in one program over x padded
+# once): (C, K, kernel, stride, padding, H, W, batch); the stem small, 1 channel 5x5, fewer
+# rows than 8, a K tail, one image; every case in fp32 and bf16, split off and on.
+WGRAD_ROWS = [(3, 16, 7, 2, 3, 13, 11, 2), (1, 8, 5, 1, 2, 9, 7, 2), (3, 24, 3, 2, 1, 9, 10, 2),
+              (2, 16, 7, 2, 3, 12, 12, 1), (4, 16, 5, 2, 0, 11, 13, 2)]
+
+
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geom", WGRAD_ROWS, ids=lambda g: "x".join(map(str, g)))
+def test_wgrad_rows_kernel(geom, dtype, split):
+    from fastres.kernels.conv_bwd import wgrad_takes_rows
+    c, k, ksz, stride, pad, h, w, batch = geom
+    assert wgrad_takes_rows(c, ksz, ksz, (1, 1), 1, dtype)
+    _wgrad_check(c, k, ksz, stride, pad, h, w, dtype, batch=batch, split=split)
+
+
+def test_wgrad_rows_kernel_takes_only_the_stem_like_case():
+    from fastres.kernels.conv_bwd import wgrad_takes_rows
+    assert wgrad_takes_rows(3, 7, 7, (1, 1), 1, torch.bfloat16)  # the stem: 7*4 = 28 columns
+    assert not wgrad_takes_rows(3, 7, 7, (1, 1), 3, torch.bfloat16)  # groups
+    assert not wgrad_takes_rows(3, 7, 7, (2, 2), 1, torch.bfloat16)  # dilation
+    assert not wgrad_takes_rows(8, 7, 7, (1, 1), 1, torch.bfloat16)  # 7*8 > 32 columns
+    assert not wgrad_takes_rows(3, 9, 3, (1, 1), 1, torch.bfloat16)  # R > 8
+    assert not wgrad_takes_rows(16, 3, 3, (1, 1), 1, torch.bfloat16)  # not packed
+    assert not wgrad_takes_rows(3, 7, 1, (1, 1), 1, torch.bfloat16)  # S = 1: not packed
+
+
 def test_wgrad_box_tiles_resnet_images_exactly():
     assert configs.wgrad_box(256, 112, 112, 256) == (1, 16, 16)
     assert configs.wgrad_box(256, 56, 56, 128) == (2, 8, 8)
