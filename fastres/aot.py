@@ -98,6 +98,7 @@ CONV_EPILOGUES = {
     "stats": ("WITH_STATS",),
     "int64 bn+res+relu": ("HAS_BN", "BN_AFFINE", "HAS_RES", "RELU", "INT64"),
     "split-K bn+shortcut+relu": ("HAS_BN", "BN_AFFINE", "HAS_SHORTCUT", "SC_AFFINE", "RELU"),
+    "joint bn+shortcut+relu": ("HAS_BN", "BN_AFFINE", "HAS_SHORTCUT", "SC_AFFINE", "RELU"),
     "bias+bn(affine=False)+shortcut": ("HAS_BIAS", "HAS_BN", "HAS_SHORTCUT"),
 }
 EPILOGUE_FLAGS = ("HAS_BIAS", "HAS_BN", "BN_AFFINE", "HAS_SHORTCUT", "SC_AFFINE", "HAS_RES",
@@ -111,7 +112,8 @@ CONV_CASES = ((3, 1, 64, "bn+shortcut+relu"), (1, 1, 256, "bn+res+relu"),
               (3, 1, 4, "bn+relu"), (3, 1, 64, "split-K bn+shortcut+relu"))
 # Epilogue-only differences, compiled with the largest tile of each dtype: (R = S, stride, C,
 # epilogue). The 1x1 GEMM with the shortcut is the Bottleneck's conv3 of a downsampling block.
-CONV_EXTRAS = ((3, 1, 64, "bias+bn(affine=False)+shortcut"), (1, 1, 256, "bn+shortcut+relu"))
+CONV_EXTRAS = ((3, 1, 64, "bias+bn(affine=False)+shortcut"), (1, 1, 256, "bn+shortcut+relu"),
+               (1, 1, 128, "joint bn+shortcut+relu"))
 QUICK_CASES = 2
 
 
@@ -148,7 +150,8 @@ def _configs_for(dt, quick, r, c, epi):
 def _conv_fused_variant(dt, prec, tc, r, stride, c, epi, bn_dt, cfg):
     from fastres.kernels.conv import even_k, packs_taps
     k = 256
-    padded = packs_taps(c, r) and c % 4  # the launcher pads the stem's 3 channels to 4,
+    joint = epi.startswith("joint")  # the Bottleneck conv3's shortcut in the main loop: its
+    padded = packs_taps(c, r) and c % 4  # chunks BLOCK_K, the main conv's half of them  # the launcher pads the stem's 3 channels to 4,
     if padded:                           # and in space: the kernel sees no padding (PAD0)
         c += -c % 4
     ints = _conv_ints(r, stride, c, k)
@@ -162,14 +165,16 @@ def _conv_fused_variant(dt, prec, tc, r, stride, c, epi, bn_dt, cfg):
                 RH=ints["P"] if res else 0, RW=ints["Q"] if res else 0,
                 RC=k if res else 0, res_step=1, res_off=0,
                 H2=2 * ints["P"] if sc else 0, W2=2 * ints["Q"] if sc else 0,
-                C2=k // 2 if sc else 0, stride2=2, **ints)
+                C2=(2 * c if joint else k // 2) if sc else 0, stride2=2, **ints)
     gemm = r == 1 and stride == 1
     pack = packs_taps(c, r)
     split = 4 if epi.startswith("split-K") else 1
     constexprs = dict(R=r, S=r, **flags, UPCAST=False, PRECISION=prec, GEMM=gemm,
                       PACK=c if pack else 0, ROW=pack, SPLIT=split,
-                      EVEN_K=even_k(c, cfg.BLOCK_K, split),
-                      EVEN_N=k % cfg.BLOCK_N == 0, PAD0=r == 1 or bool(padded), **_blocks(cfg))
+                      EVEN_K=even_k(c, cfg.BLOCK_K // 2 if joint else cfg.BLOCK_K, split),
+                      EVEN_N=k % cfg.BLOCK_N == 0, PAD0=r == 1 or bool(padded), JOINT=joint,
+                      **dict(_blocks(cfg), BLOCK_K2=cfg.BLOCK_K,
+                             BLOCK_K=cfg.BLOCK_K // 2 if joint else cfg.BLOCK_K))
     bn_label = f" bn-params {bn_dt}" if bn_dt != "fp32" else ""
     return Variant("conv_fused_kernel",
                    f"{_dtype_label(dt, prec)} {r}x{r}{' gemm' if gemm else ''}"

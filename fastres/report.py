@@ -305,10 +305,12 @@ def flops(launch):
             steps = r * max(_cdiv(_cdiv(s * a["C_G"], bk), split), 1)
         else:
             steps = r * s * max(_cdiv(_cdiv(a["C_G"], bk), split), 1)
+        executed = launch.programs() * steps * 2 * bm * bn * bk
         if c["HAS_SHORTCUT"]:
             useful += 2 * a["M"] * a["K"] * a["C2"]
-            steps += _cdiv(a["C2"], bk * split)
-        return useful, launch.programs() * steps * 2 * bm * bn * bk
+            bk2 = c["BLOCK_K2"] if c.get("JOINT") else bk  # JOINT: its own chunk, same loop
+            executed += launch.programs() * _cdiv(a["C2"], bk2 * split) * 2 * bm * bn * bk2
+        return useful, executed
     if launch.kernel == "conv_dgrad_kernel":
         r, s = c["R"], c["S"]
         bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
@@ -526,6 +528,8 @@ def mma_flops_per_iteration(launch) -> int:
         return 2 * b["BLOCK_C"] * b["BLOCK_N"] * b["BLOCK_M"]
     if launch.kernel == "conv_wgrad_rows_kernel":  # R dots an iteration, one a kernel row
         return launch.constexprs["R"] * 2 * b["BLOCK_C"] * b["BLOCK_N"] * b["BLOCK_M"]
+    if launch.constexprs.get("JOINT"):  # the projection shortcut's dot in the same iteration
+        return 2 * b["BLOCK_M"] * b["BLOCK_N"] * (b["BLOCK_K"] + b["BLOCK_K2"])
     return 2 * b["BLOCK_M"] * b["BLOCK_N"] * b["BLOCK_K"]
 
 

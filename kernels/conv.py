@@ -138,6 +138,7 @@ def conv_fused_kernel(
     RELU: tl.constexpr, INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     WITH_STATS: tl.constexpr, GEMM: tl.constexpr, PACK: tl.constexpr, ROW: tl.constexpr,
     SPLIT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PAD0: tl.constexpr,
+    JOINT: tl.constexpr, BLOCK_K2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Which tile am I: grouped ordering over (M tiles, N tiles) of one conv group.
@@ -232,6 +233,12 @@ def conv_fused_kernel(
             a_ptrs = x_ptr + (((img_h + ih0) * W + iw0) * C + g * C_G)[:, None] \
                 + offs_k[None, :]
         b_ptrs = w_ptr + w_col[None, :] + offs_k[:, None]
+        if JOINT:  # the projection shortcut in the same loop: step it, its chunk it
+            offs_k2 = tl.arange(0, BLOCK_K2)
+            a2_ptrs = x2_ptr + (((img * H2 + p * stride2) * W2 + q * stride2) * C2)[:, None] \
+                + offs_k2[None, :]
+            b2_ptrs = w2_ptr + (chan * C2)[None, :] + offs_k2[:, None]
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         STEPS = tl.maximum(tl.cdiv(tl.cdiv(C_G, BLOCK_K), SPLIT), 1)
         r_i = 0
         s_i = 0
@@ -264,6 +271,13 @@ def conv_fused_kernel(
             else:
                 b = tl.load(b_ptrs + b_off, mask=c_ok[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
+            if JOINT:  # whole chunks (the launcher's condition): only the rows' and N's masks
+                a2 = tl.load(a2_ptrs + it * BLOCK_K2, mask=mask_m[:, None], other=0.0)
+                if EVEN_N:
+                    b2 = tl.load(b2_ptrs + it * BLOCK_K2)
+                else:
+                    b2 = tl.load(b2_ptrs + it * BLOCK_K2, mask=mask_n[None, :], other=0.0)
+                acc2 = _mma(a2, b2, acc2, UPCAST=UPCAST, PRECISION=PRECISION)
             c_i += 1
             next_tap = c_i == STEPS
             c_i = tl.where(next_tap, 0, c_i)
@@ -277,8 +291,10 @@ def conv_fused_kernel(
         tl.store(part_ptr + (sk * M + offs_m)[:, None] * K + chan[None, :], acc, mask=out_mask)
 
     # Projection shortcut: a 1x1 strided conv of the block input into its own accumulator
-    # (its BN scale differs from the main conv's).
-    if HAS_SHORTCUT:
+    # (its BN scale differs from the main conv's). JOINT (a 1x1 main conv whose chunk count
+    # the shortcut's matches with chunks of BLOCK_K2: ResNet's Bottleneck conv3): reduced in
+    # the main loop above, one pipeline; else a second loop here.
+    if HAS_SHORTCUT and not JOINT:
         x2_row = ((img * H2 + p * stride2) * W2 + q * stride2) * C2
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c0 in range(sk * BLOCK_K, C2, SPLIT * BLOCK_K):
@@ -422,6 +438,25 @@ def packs_taps(c_per_group: int, s: int) -> bool:
     return s > 1 and c_per_group < 16
 
 
+def joint_shortcut(c_main: int, c_shortcut: int, cfg, elem_bytes: int) -> Optional[int]:
+    """The shortcut's chunk (BLOCK_K2 = cfg.BLOCK_K) when a 1x1 main conv and its projection
+    shortcut can share one reduction loop (JOINT): whole chunks on both sides and the same
+    number of them, the main conv's chunk c_main / chunks a power of two of at least 16 (the
+    tensor cores' K): ResNet's Bottleneck conv3 (C = 64..512, shortcut 64..1024: chunks of 32
+    or 64 against 64), and the stages still fit SMEM_BUDGET. None otherwise."""
+    bk2 = cfg.BLOCK_K
+    if c_shortcut % bk2:
+        return None
+    chunks = c_shortcut // bk2
+    if c_main % chunks:
+        return None
+    bk1 = c_main // chunks
+    if bk1 < 16 or bk1 & (bk1 - 1) or bk1 > bk2:
+        return None
+    stage = (cfg.BLOCK_M + cfg.BLOCK_N) * (bk1 + bk2) * elem_bytes
+    return bk2 if cfg.num_stages * stage <= configs.SMEM_BUDGET else None
+
+
 def even_k(c_per_group: int, block_k: int, split: int) -> bool:
     """Whether every (split-K share of) channel chunk is whole: no channel masks (EVEN_K)."""
     return c_per_group % block_k == 0 and (c_per_group // block_k) % split == 0
@@ -533,6 +568,11 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
         sms = gpu_sms(x.device)
         split = 1 if with_stats or sms is None else split_k(
             tiles * groups, -(-chunk // cfg.BLOCK_K), taps, sms)
+    gemm = r == s == 1 and stride[0] == stride[1] == 1 and padding[0] == padding[1] == 0
+    joint = None
+    if shortcut is not None and gemm and split == 1 and groups == 1:
+        joint = joint_shortcut(c_g, shortcut.shape[1], cfg, x.itemsize)
+    block_k = cfg.BLOCK_K if joint is None else c_g // (shortcut.shape[1] // joint)
     stats = part = y
     if with_stats:
         stats = torch.empty((3, tiles_m, k), dtype=torch.float32, device=x.device)
@@ -560,10 +600,12 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
         rh, rw, rc, res_step, res_off,
         h2, w2, c2, shortcut_stride,
         R=r, S=s, **flags, UPCAST=upcast, PRECISION=precision, WITH_STATS=with_stats,
-        GEMM=r == s == 1 and stride[0] == stride[1] == 1 and padding[0] == padding[1] == 0,
+        GEMM=gemm,
         PACK=c_g if pack else 0, ROW=pack and groups == 1 and dilation[1] == 1, SPLIT=split,
-        EVEN_K=even_k(c_g, cfg.BLOCK_K, split),
-        EVEN_N=k_g % cfg.BLOCK_N == 0, PAD0=padding[0] == padding[1] == 0, **cfg.kwargs,
+        EVEN_K=even_k(c_g, block_k, split),
+        EVEN_N=k_g % cfg.BLOCK_N == 0, PAD0=padding[0] == padding[1] == 0,
+        JOINT=joint is not None, BLOCK_K2=joint or cfg.BLOCK_K,
+        **dict(cfg.kwargs, BLOCK_K=block_k),
     )
     if split > 1:
         splitk_epilogue_kernel[(-(-m // SPLITK_BLOCK_M), -(-k // SPLITK_BLOCK_N))](

@@ -165,6 +165,30 @@ def test_projection_shortcut_with_its_own_bn(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c, c2, k, pixels", [(32, 64, 24, 7), (16, 16, 48, 5), (32, 64, 64, 11)],
+                         ids=["chunks-32-64", "chunks-16-16", "n-tile-tail"])
+def test_projection_shortcut_in_the_main_loop(c, c2, k, pixels, dtype):
+    """A Bottleneck's conv3 (1x1) with its projection shortcut reduced in the same loop
+    (JOINT: the same number of chunks, BLOCK_K and BLOCK_K2 apart), two accumulators, two
+    BNs: exact, and the launcher takes that path for these shapes."""
+    g = torch.Generator().manual_seed(7)
+    y2 = torch.randn(2, c, pixels, pixels, generator=g).to(dtype)
+    x = torch.randn(2, c2, 2 * pixels - 1, 2 * pixels - 1, generator=g).to(dtype)
+    w3 = (torch.randn(k, c, 1, 1, generator=g) / c ** 0.5).to(dtype)
+    w2 = (torch.randn(k, c2, 1, 1, generator=g) / c2 ** 0.5).to(dtype)
+    bn3, bn2 = _bn(k, seed=7), _bn(k, seed=8)
+    m = 2 * pixels * pixels
+    cfg = configs.pick_config(m, k, max(c, c2), y2.element_size(), 1, shortcut=True)
+    assert kconv.joint_shortcut(c, c2, cfg, y2.element_size()) is not None
+    y = conv_fused(_cl(y2), kernel_weight(w3.to(DEVICE)), **_geo(1, 0, 1, 1), relu=True,
+                   bn=bn3, shortcut=_cl(x), shortcut_w=kernel_weight(w2.to(DEVICE)),
+                   shortcut_stride=2, shortcut_bn=bn2)
+    ref = F.relu(_bn_ref(F.conv2d(y2.double(), w3.double()), bn3)
+                 + _bn_ref(F.conv2d(x.double(), w2.double(), stride=2), bn2))
+    assert_close(y.cpu(), ref, dtype, "shortcut in the main loop")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_identity_residual_then_relu(dtype):
     x, weight = _conv_inputs(8, 16, 3, 1, 9, 9, dtype, seed=7)
     res = torch.randn(2, 16, 9, 9, generator=torch.Generator().manual_seed(7)).to(dtype)
