@@ -34,7 +34,10 @@ padded by ``pad_input`` (one pass) to 4 channels and in space, so a kernel row's
 contiguous elements of one input row (``ROW``: 8-byte async copies) and no tap needs a bounds
 check (``PAD0``, which every conv without padding gets: each tap of an output pixel lies in
 the input). ``EVEN_K``/``EVEN_N``: the channel chunks and output-channel tiles are whole, so
-the main loop's loads carry no channel masks.
+the main loop's loads carry no channel masks. ``JOINT`` (``joint_shortcut``): the
+projection shortcut of a 1x1 main conv (the Bottleneck's conv3) is reduced in the main
+loop, chunk for chunk (main chunks of BLOCK_K, the shortcut's of BLOCK_K2, as many of each),
+two dots a step into the two accumulators: one pipeline; otherwise it is a second loop.
 
 Shared with the backward and BatchNorm kernels: ``tile_ids`` (program -> output tile),
 ``pixel_coords`` (flat pixel index -> image, row, column), ``_mma`` with its host-side flags
