@@ -441,6 +441,9 @@ def packs_taps(c_per_group: int, s: int) -> bool:
     return s > 1 and c_per_group < 16
 
 
+_JOINT: dict = {}  # (C, C2, config, bytes) -> joint_shortcut's answer
+
+
 def joint_shortcut(c_main: int, c_shortcut: int, cfg, elem_bytes: int) -> Optional[int]:
     """The shortcut's chunk (BLOCK_K2 = cfg.BLOCK_K) when a 1x1 main conv and its projection
     shortcut can share one reduction loop (JOINT): whole chunks on both sides and the same
@@ -574,7 +577,10 @@ def conv_fused(x, w, *, stride, padding, dilation, groups, relu, conv_bias=None,
     gemm = r == s == 1 and stride[0] == stride[1] == 1 and padding[0] == padding[1] == 0
     joint = None
     if shortcut is not None and gemm and split == 1 and groups == 1:
-        joint = joint_shortcut(c_g, shortcut.shape[1], cfg, x.itemsize)
+        key = (c_g, shortcut.shape[1], cfg, x.itemsize)  # memoized: no host call a launch
+        joint = _JOINT.get(key, _JOINT)
+        if joint is _JOINT:
+            joint = _JOINT[key] = joint_shortcut(*key)
     block_k = cfg.BLOCK_K if joint is None else c_g // (shortcut.shape[1] // joint)
     stats = part = y
     if with_stats:
