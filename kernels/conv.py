@@ -104,6 +104,21 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def next_step(chunk, col, row, STEPS, COLS):
+    """The (chunk, tap column, tap row) after this step of a flat (tap, chunk) reduction,
+    chunks innermost, carried from step to step instead of divided out of the step number;
+    and whether this step ended a tap."""
+    chunk += 1
+    tap_done = chunk == STEPS
+    chunk = tl.where(tap_done, 0, chunk)
+    col += tap_done.to(tl.int32)
+    row_done = col == COLS
+    col = tl.where(row_done, 0, col)
+    row += row_done.to(tl.int32)
+    return chunk, col, row, tap_done
+
+
+@triton.jit
 def pixel_coords(offs, P, Q):
     """(image, row, column) of flat pixel indices offs = (image * P + row) * Q + column over
     images of P x Q pixels (NHWC order)."""
@@ -281,13 +296,7 @@ def conv_fused_kernel(
                 else:
                     b2 = tl.load(b2_ptrs + it * BLOCK_K2, mask=mask_n[None, :], other=0.0)
                 acc2 = _mma(a2, b2, acc2, UPCAST=UPCAST, PRECISION=PRECISION)
-            c_i += 1
-            next_tap = c_i == STEPS
-            c_i = tl.where(next_tap, 0, c_i)
-            s_i += next_tap.to(tl.int32)
-            next_row = s_i == S
-            s_i = tl.where(next_row, 0, s_i)
-            r_i += next_row.to(tl.int32)
+            c_i, s_i, r_i, _ = next_step(c_i, s_i, r_i, STEPS, S)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT > 1:  # fp32 partial sums; splitk_epilogue_kernel adds them up in order

@@ -40,8 +40,8 @@ import triton.language as tl
 
 from .configs import (dgrad_config, gpu_sms, wgrad_blocks, wgrad_box, wgrad_rows_blocks,
                       wgrad_split)
-from .conv import (_mma, dot_flags, needs_int64, packs_taps, pad_input, pixel_coords,
-                   tile_ids)
+from .conv import (_mma, dot_flags, needs_int64, next_step, packs_taps, pad_input,
+                   pixel_coords, tile_ids)
 
 
 @triton.jit
@@ -167,13 +167,7 @@ def conv_dgrad_kernel(
                 a = tl.load(a_ptrs + a_off, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs + b_off, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)
-        kk += 1
-        next_tap = kk == STEPS
-        kk = tl.where(next_tap, 0, kk)
-        tu += next_tap.to(tl.int32)
-        next_row = tu == ns
-        tu = tl.where(next_row, 0, tu)
-        tt += next_row.to(tl.int32)
+        kk, tu, tt, next_tap = next_step(kk, tu, tt, STEPS, ns)
         if MASK >= 32:
             bit = bit << next_tap.to(mdt)
 
